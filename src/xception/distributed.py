@@ -1,0 +1,181 @@
+"""Device choice and process-group set-up. One process per device; torchrun sets the environment."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+from .config import UserError
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
+
+
+def npu_available() -> bool:
+    # torch_npu registers the "npu" device when imported; import it only where it is installed.
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401
+    return torch.npu.is_available()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks cuda, then npu, then mps, then cpu. Each process uses the device of its local rank."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif npu_available():
+            name = "npu"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    kind = name.split(":")[0]
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "npu": npu_available,
+        "mps": torch.backends.mps.is_available,
+    }
+    if kind not in available:
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, npu or mps")
+    if not available[kind]():
+        raise UserError(f"--device {name}: not available on this machine; use --device auto")
+    if kind in ("cuda", "npu") and ":" not in name:
+        return torch.device(kind, local_rank)
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a clock read measures finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@dataclass
+class DistContext:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            td.all_reduce(tensor, op=td.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            td.barrier()
+
+
+def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800) -> DistContext:
+    """Read torchrun's environment; start the process group when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)
+    ctx = DistContext(device, rank, world_size, local_rank, local_world_size)
+    if ctx.distributed and not td.is_initialized():
+        td.init_process_group(backend=backend or BACKENDS[device.type],
+                              timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx
+
+
+def cleanup() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm over the global batch for devices torch's SyncBatchNorm does not serve (the CPU).
+
+    Per-channel sums are added across processes with torch.distributed.nn's autograd-aware all_reduce,
+    so the backward pass is synchronised too. Outside training, or in one process, it is plain BatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and td.is_initialized() and td.get_world_size() > 1 and self.momentum is not None):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        # Two passes (mean, then squared deviations) keep the variance exact where the mean dominates.
+        first = all_reduce(torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() / channels)]))
+        count = first[-1]
+        mean = first[:channels] / count
+        var = all_reduce((x - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3))) / count
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        shape = (1, channels, 1, 1)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch's SyncBatchNorm on CUDA/NPU; GlooSyncBatchNorm where torch's one does not run."""
+    if device.type in ("cuda", "npu"):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            sync = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            sync.to(device=child.weight.device, dtype=child.weight.dtype)
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
+def visible_accelerators() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    if npu_available():
+        return torch.npu.device_count()
+    return 0
+
+
+def launch_local(nproc: int, argv: list) -> int:
+    """Start `xception ARGV` as `nproc` processes on this node through torchrun's own launcher (the seed's
+    --multiprocessing-distributed). Returns the exit code: a user error's 2 when every failed rank says so."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "xception", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        if set(codes.values()) == {2}:
+            return 2  # a user error, already printed by the ranks
+        rank, code = min(codes.items())
+        print(f"xception: error: process of rank {rank} failed with exit code {code} "
+              f"(its output is above); {len(codes)} of {nproc} processes failed", file=sys.stderr)
+        return 1
+    return 0

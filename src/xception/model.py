@@ -1,0 +1,207 @@
+"""Xception (Chollet 2017), laid out as the paper's Figure 5: entry flow, middle flow, exit flow.
+
+Every convolution is followed by BatchNorm, so no convolution has a bias. A "separable
+convolution" is a depthwise 3x3 followed directly by a pointwise 1x1, with nothing in between.
+
+Two numeric conventions exist for the same weights:
+
+* PyTorch/timm (default): BatchNorm eps 1e-5, max-pools padded by 1 on both sides. Weights ported by
+  timm/Cadene compute exactly what timm computes.
+* Keras (``keras_exact=True``): BatchNorm eps 1e-3, max-pools padded like TensorFlow's "same" (on an
+  even-sized map, 0 before and 1 after). The author's Keras weights compute exactly what Keras computes.
+
+Initialisation (see README): convolutions are Kaiming-normal with fan-in and ReLU gain, which keeps the
+signal's variance through the ReLUs and counts a depthwise kernel's real 9 inputs (a fan-out rule would
+count every channel and start those weights ~30x too small: BatchNorm then turns them into huge effective
+learning rates). BatchNorm starts at identity, except the last BatchNorm of each residual branch, which
+starts at zero so that every block starts as its shortcut (Goyal et al. 2017): early training stays
+stable at the seed's large learning rates. The classifier starts at N(0, 0.01) with zero bias, so the
+first logits are near zero and the first loss is near ln(classes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_INPUT_SIZE = 71  # the smallest input on which every stride-2 stage still has a pixel (as in Keras)
+
+
+class SamePadMaxPool(nn.Module):
+    """3x3/2 max-pool with TensorFlow "same" padding: the extra pixel goes after, not before."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
+            total = max((-(-size // self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+            pads += [total // 2, total - total // 2]
+        # -inf padding: a padded pixel must never win the max.
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), self.kernel_size, self.stride)
+
+
+def max_pool(keras_exact: bool) -> nn.Module:
+    return SamePadMaxPool() if keras_exact else nn.MaxPool2d(3, stride=2, padding=1)
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise 3x3 then pointwise 1x1, no bias, no normalisation or activation in between."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+
+class SepConvBN(nn.Sequential):
+    """[ReLU] -> SeparableConv -> BN: the unit every residual block repeats."""
+
+    def __init__(self, in_channels: int, out_channels: int, relu_first: bool, bn_eps: float,
+                 inplace: bool = True):
+        super().__init__()
+        if relu_first:
+            # A block's first ReLU must not work in place: the shortcut still needs its input.
+            self.relu = nn.ReLU(inplace=inplace)
+        self.conv = SeparableConv2d(in_channels, out_channels)
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
+
+
+class DownBlock(nn.Module):
+    """Entry/exit-flow block: two SepConvBN units and a 3x3/2 max-pool, with a strided 1x1 conv+BN shortcut."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, first_relu: bool,
+                 bn_eps: float, keras_exact: bool):
+        super().__init__()
+        self.sep1 = SepConvBN(in_channels, mid_channels, relu_first=first_relu, bn_eps=bn_eps,
+                              inplace=False)
+        self.sep2 = SepConvBN(mid_channels, out_channels, relu_first=True, bn_eps=bn_eps)
+        self.pool = max_pool(keras_exact)
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=2, bias=False),
+            nn.BatchNorm2d(out_channels, eps=bn_eps),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.sep2(self.sep1(x))) + self.shortcut(x)
+
+
+class MiddleBlock(nn.Module):
+    """Middle-flow block: three ReLU-SepConv728-BN units with an identity shortcut."""
+
+    def __init__(self, channels: int, bn_eps: float):
+        super().__init__()
+        self.body = nn.Sequential(*(SepConvBN(channels, channels, relu_first=True, bn_eps=bn_eps,
+                                              inplace=i > 0) for i in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int, bn_eps: float) -> nn.Sequential:
+    """The stem's plain 3x3 convolutions: no padding, as in the paper."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels, eps=bn_eps),
+        nn.ReLU(inplace=True),
+    )
+
+
+def sep_bn_relu(in_channels: int, out_channels: int, bn_eps: float) -> nn.Sequential:
+    """The exit flow's last two separable convolutions, each followed by BN and ReLU."""
+    return nn.Sequential(
+        SeparableConv2d(in_channels, out_channels),
+        nn.BatchNorm2d(out_channels, eps=bn_eps),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Xception(nn.Module):
+    """Xception for ``num_classes`` classes; input at least 71x71, scaled to [-1, 1]."""
+
+    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, in_chans: int = 3,
+                 keras_exact: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.num_classes, self.drop_rate, self.keras_exact = num_classes, drop_rate, keras_exact
+        eps = 1e-3 if keras_exact else 1e-5
+        self.num_features = 2048
+
+        self.entry_flow = nn.Sequential(
+            conv_bn_relu(in_chans, 32, stride=2, bn_eps=eps),
+            conv_bn_relu(32, 64, stride=1, bn_eps=eps),
+            DownBlock(64, 128, 128, first_relu=False, bn_eps=eps, keras_exact=keras_exact),
+            DownBlock(128, 256, 256, first_relu=True, bn_eps=eps, keras_exact=keras_exact),
+            DownBlock(256, 728, 728, first_relu=True, bn_eps=eps, keras_exact=keras_exact),
+        )
+        self.middle_flow = nn.Sequential(*(MiddleBlock(728, bn_eps=eps) for _ in range(8)))
+        self.exit_flow = nn.Sequential(
+            DownBlock(728, 728, 1024, first_relu=True, bn_eps=eps, keras_exact=keras_exact),
+            sep_bn_relu(1024, 1536, bn_eps=eps),
+            sep_bn_relu(1536, 2048, bn_eps=eps),
+        )
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            # Each residual branch's last BN starts at zero, so every block starts as its shortcut.
+            if isinstance(m, DownBlock):
+                nn.init.zeros_(m.sep2.bn.weight)
+            elif isinstance(m, MiddleBlock):
+                nn.init.zeros_(m.body[-1].bn.weight)
+        self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a freshly initialised one for ``num_classes`` (fine-tuning)."""
+        device = self.fc.weight.device if hasattr(self, "fc") else None
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes, device=device)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"Xception needs an input of shape (N, C, H, W) with H and W at least "
+                             f"{MIN_INPUT_SIZE}, got {tuple(x.shape)}")
+        return self.exit_flow(self.middle_flow(self.entry_flow(x)))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.global_pool(features), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def create_model(num_classes: int = 1000, weights: str | None = None, drop_rate: float = 0.0,
+                 keras_exact: bool = False, log=print) -> Xception:
+    """Build Xception and optionally load one of our checkpoints (or a bare state dict) from `weights`.
+
+    When `num_classes` differs from the checkpoint's, everything but the classifier is loaded and the
+    classifier keeps its fresh initialisation; `log` says so.
+    """
+    model = Xception(num_classes=num_classes, drop_rate=drop_rate, keras_exact=keras_exact)
+    if weights is not None:
+        from .checkpoint import load_checkpoint, load_weights, model_state
+
+        state = model_state(load_checkpoint(weights, flag="weights"))
+        skipped = load_weights(model, state, source=weights)
+        if skipped:
+            old = state["fc.weight"].shape[0]
+            log(f"{weights}: loaded all but the classifier, which has {old} classes there and "
+                f"{num_classes} here; the new classifier starts from scratch")
+    return model

@@ -1,0 +1,262 @@
+"""A whole run: set up, train epoch by epoch with checkpoints and reports, or evaluate a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+from . import checkpoint as ckpt
+from . import report
+from .config import Config, UserError
+from .data import FolderDataset, eval_transform, make_loader, scan_dataset, train_transform
+from .distributed import DistContext, cleanup, convert_sync_batchnorm, setup
+from .engine import evaluate, make_precision, train_one_epoch
+from .model import Xception
+
+WARMUP_START_FACTOR = 0.01  # linear warm-up starts at 1% of --lr
+
+
+def default_channels_last(device: torch.device) -> bool:
+    # Measured (docs/performance.md): NHWC is faster for this model on x86 CPUs and on CUDA GPUs.
+    return device.type in ("cpu", "cuda")
+
+
+def build_scheduler(optimizer, cfg: Config, iters_per_epoch: int):
+    """Linear warm-up then cosine to zero, stepped every iteration."""
+    total = cfg.epochs * iters_per_epoch
+    warmup = min(round(cfg.warmup_epochs * iters_per_epoch), total - 1)
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+    if warmup <= 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup)
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Each rank augments differently, each epoch differently, and the same again after a resume."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def seed_epoch(seed: int, ctx: DistContext, epoch: int, generator: torch.Generator, loader) -> None:
+    s = epoch_seed(seed, ctx.rank, epoch)
+    torch.manual_seed(s)  # dropout, and augmentation when loading in the main process
+    random.seed(s)
+    generator.manual_seed(s)  # shuffling and the seeds of the loader's workers
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def check_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path}: not writable; choose a folder you can write to")
+
+
+class Run:
+    """Everything a training or evaluation run holds; built once from the config."""
+
+    def __init__(self, cfg: Config, need_train: bool):
+        self.cfg = cfg
+        self.ctx = setup(cfg.device, cfg.dist_backend)
+        cfg.validate(self.ctx.world_size)
+        self.log = print if self.ctx.is_main else (lambda *a, **k: None)
+        if cfg.seed is None:
+            seed = torch.tensor(random.SystemRandom().randrange(2**31), device="cpu")
+            if self.ctx.distributed:  # every rank must agree on the seed
+                seed = seed.to(self.ctx.device)
+                torch.distributed.broadcast(seed, 0)
+            cfg.seed = int(seed.item())
+        if self.ctx.is_main:
+            check_output_dir(cfg.output_dir)
+        train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
+        self.classes = val_split.classes
+        self.channels_last = (default_channels_last(self.ctx.device) if cfg.channels_last is None
+                              else cfg.channels_last)
+        self.generator = torch.Generator()
+        self.val_loader = make_loader(FolderDataset(val_split, eval_transform(cfg.image_size, cfg.crop_pct)),
+                                      cfg, self.ctx, train=False, generator=torch.Generator())
+        self.train_loader = None
+        if need_train:
+            self.train_loader = make_loader(FolderDataset(train_split, train_transform(cfg)), cfg, self.ctx,
+                                            train=True, generator=self.generator)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = Xception(num_classes=len(self.classes), drop_rate=cfg.drop_rate)
+        self.precision = make_precision(cfg, self.ctx.device, warn=self.log)
+
+    def place_model(self) -> nn.Module:
+        """Move to the device and layout; wrap for data parallelism. Returns the module to call."""
+        model = self.model.to(self.ctx.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.ctx.distributed:
+            if self.cfg.sync_bn:
+                model = convert_sync_batchnorm(model, self.ctx.device)
+                self.model = model
+            ids = [self.ctx.device.index] if self.ctx.device.type in ("cuda", "npu") else None
+            return DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def check_classes(self, state: dict, source: str) -> None:
+        saved = state.get("class_names")
+        if saved is not None and list(saved) != list(self.classes):
+            raise UserError(f"{source}: trained on {len(saved)} classes {_preview(saved)}, the data has "
+                            f"{len(self.classes)} {_preview(self.classes)}; use --pretrained {source} "
+                            f"to fine-tune on these classes")
+
+
+def _preview(names) -> str:
+    names = list(names)
+    return "(" + ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "") + ")"
+
+
+def _case_name(cfg: Config, world_size: int, kind: str) -> str:
+    template = cfg.case_name or "Xception_bs{bs}_{np}p_" + kind
+    try:
+        return template.format(bs=cfg.batch_size, np=world_size)
+    except (KeyError, IndexError, ValueError):
+        raise UserError(f"--case-name {template}: only {{bs}} and {{np}} may stand in braces")
+
+
+def train(cfg: Config) -> dict:
+    """Train for cfg.epochs (resuming if asked), evaluating and checkpointing after every epoch."""
+    t_start = time.perf_counter()
+    run = Run(cfg, need_train=True)
+    ctx, log = run.ctx, run.log
+    try:
+        case = _case_name(cfg, ctx.world_size, "acc")
+        ckpt_path = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_NAME)
+        if os.path.exists(ckpt_path) and not (cfg.resume and os.path.exists(cfg.resume)
+                                               and os.path.samefile(cfg.resume, ckpt_path)):
+            raise UserError(f"--output-dir {cfg.output_dir}: already holds {ckpt.CHECKPOINT_NAME}; continue it "
+                            f"with --resume {ckpt_path}, or choose another --output-dir")
+        if cfg.pretrained:
+            from .model import create_model
+            run.model = create_model(len(run.classes), weights=cfg.pretrained, drop_rate=cfg.drop_rate, log=log)
+        model = run.place_model()
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+        iters = len(run.train_loader)
+        if cfg.steps_per_epoch:
+            iters = min(iters, cfg.steps_per_epoch)
+        scheduler = build_scheduler(optimizer, cfg, iters)
+        start_epoch, best_top1 = 0, -math.inf
+        if cfg.resume:
+            state = ckpt.load_checkpoint(cfg.resume)
+            run.check_classes(state, cfg.resume)
+            ckpt.load_weights(ckpt.unwrap(model), ckpt.model_state(state), cfg.resume, allow_new_head=False)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                if run.precision.scaler is not None and state.get("scaler"):
+                    run.precision.scaler.load_state_dict(state["scaler"])
+            except (KeyError, ValueError) as e:
+                raise UserError(f"--resume {cfg.resume}: holds no resumable training state ({e}); "
+                                f"use --pretrained to start a new run from its weights")
+            start_epoch, best_top1 = int(state["epoch"]), float(state.get("best_acc1", -math.inf))
+            log(f"resumed from {cfg.resume}: epoch {start_epoch} done, best top-1 {best_top1:.3f}")
+            if start_epoch >= cfg.epochs:
+                raise UserError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; "
+                                f"raise --epochs above {start_epoch} to train further")
+        log(f"training on {ctx.world_size} x {ctx.device.type} ({run.precision.name}, "
+            f"{'channels_last' if run.channels_last else 'NCHW'}), {len(run.train_loader.dataset)} train / "
+            f"{len(run.val_loader.dataset)} val images, {len(run.classes)} classes, "
+            f"global batch {cfg.batch_size}, {iters} iterations per epoch")
+
+        metrics_path = os.path.join(cfg.output_dir, "metrics.csv")
+        fps_images = fps_seconds = 0.0
+        last = None
+        end_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
+        if start_epoch >= end_epoch:
+            raise UserError(f"--stop-after-epochs {cfg.stop_after_epochs}: the checkpoint has already "
+                            f"trained {start_epoch} epochs; raise it or leave it out")
+        for epoch in range(start_epoch, end_epoch):
+            seed_epoch(cfg.seed, ctx, epoch, run.generator, run.train_loader)
+            progress = report.Progress(ctx.is_main, iters, f"epoch {epoch + 1}/{cfg.epochs}", cfg.print_freq)
+            stats = train_one_epoch(model, run.train_loader, criterion, optimizer, scheduler, run.precision,
+                                    ctx, cfg, progress, run.channels_last)
+            progress.close()
+            val = evaluate(model, run.val_loader, run.precision, ctx, run.channels_last)
+            fps_images += stats.images_per_sec * stats.seconds
+            fps_seconds += stats.seconds
+            last = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"], "top1": val["top1"],
+                    "top5": val["top5"], "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
+            is_best = val["top1"] > best_top1
+            best_top1 = max(best_top1, val["top1"])
+            if ctx.is_main:
+                log(report.epoch_line(epoch + 1, cfg.epochs, last))
+                report.append_metrics(metrics_path, last)
+                ckpt.save_atomic({
+                    "format": ckpt.FORMAT, "arch": "xception", "epoch": epoch + 1,
+                    "model": ckpt.clean_state_dict(ckpt.unwrap(model).state_dict()),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
+                    "best_acc1": best_top1, "args": cfg.to_dict(), "class_names": list(run.classes),
+                }, ckpt_path)
+                if is_best:
+                    ckpt.copy_atomic(ckpt_path, os.path.join(cfg.output_dir, ckpt.BEST_NAME))
+            ctx.barrier()
+
+        e2e = time.perf_counter() - t_start
+        fps = fps_images / fps_seconds if fps_seconds else 0.0
+        result = {"fps": fps, "top1": last["top1"], "top5": last["top5"], "loss": last["train_loss"],
+                  "e2e_seconds": e2e, "checkpoint": ckpt_path, "metrics": metrics_path}
+        if ctx.is_main:
+            log(report.result_block(fps, last["top1"], e2e))
+            report.write_case_log(cfg.output_dir, case, {
+                "Network": "Xception", "RankSize": ctx.world_size, "BatchSize": cfg.batch_size,
+                "DeviceType": ctx.device.type, "CaseName": case, "ActualFPS": f"{fps:.3f}",
+                "TrainingTime": f"{cfg.batch_size * 1000 / fps:.3f}" if fps else "inf",
+                "TrainAccuracy": f"{last['top1']:.3f}", "ActualLoss": f"{last['train_loss']:.4f}",
+                "E2ETrainingTime": f"{e2e:.0f}",
+            })
+        return result
+    finally:
+        cleanup()
+
+
+def evaluate_checkpoint(cfg: Config) -> dict:
+    """Evaluate the checkpoint given by --resume on DATA/val; print top-1/top-5 and the result block."""
+    if not cfg.resume:
+        raise UserError("xception eval needs the checkpoint to evaluate: --resume PATH (or --weights PATH)")
+    t_start = time.perf_counter()
+    run = Run(cfg, need_train=False)
+    ctx, log = run.ctx, run.log
+    try:
+        case = _case_name(cfg, ctx.world_size, "eval")
+        state = ckpt.load_checkpoint(cfg.resume)
+        run.check_classes(state, cfg.resume)
+        ckpt.load_weights(run.model, ckpt.model_state(state), cfg.resume, allow_new_head=False)
+        model = run.place_model()
+        progress = report.Progress(ctx.is_main, len(run.val_loader), "eval", cfg.print_freq)
+        t0 = time.perf_counter()
+        val = evaluate(model, run.val_loader, run.precision, ctx, run.channels_last, progress)
+        progress.close()
+        seconds = time.perf_counter() - t0
+        fps = val["count"] / seconds
+        e2e = time.perf_counter() - t_start
+        if ctx.is_main:
+            log(f"eval {cfg.resume} on {val['count']} images: loss {val['loss']:.4f} top1 {val['top1']:.3f} "
+                f"top5 {val['top5']:.3f}")
+            log(report.result_block(fps, val["top1"], e2e))
+            report.write_case_log(cfg.output_dir, case, {
+                "Network": "Xception", "RankSize": ctx.world_size, "BatchSize": cfg.batch_size,
+                "DeviceType": ctx.device.type, "CaseName": case, "ActualFPS": f"{fps:.3f}",
+                "TrainingTime": f"{cfg.batch_size * 1000 / fps:.3f}",
+                "TrainAccuracy": f"{val['top1']:.3f}", "ActualLoss": f"{val['loss']:.4f}",
+                "E2ETrainingTime": f"{e2e:.0f}",
+            })
+        return {**val, "fps": fps}
+    finally:
+        cleanup()

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny image-folder datasets the tests make themselves, and a CLI runner."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_image_folder(root, classes=("cat", "dog", "fox"), n_train=4, n_val=3, size=(80, 72), seed=0):
+    """DATA/{train,val}/<class>/<n>.{jpg,png}: each class a distinct colour plus noise, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size[1], size[0], 3), np.uint8)
+                base[..., c % 3] = 200
+                img = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+                ext = "jpg" if i % 2 == 0 else "png"
+                Image.fromarray(img).save(os.path.join(folder, f"{i}.{ext}"))
+    return str(root)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """3 classes, 4 train and 3 val images each (12 train, 9 val): an odd val count on purpose."""
+    return make_image_folder(tmp_path / "data")
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """Run `python -m xception ARGS` as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "2")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "xception", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(name, *args, cwd=None, env=None, timeout=600):
+    full_env = dict(os.environ)
+    full_env["PYTHON"] = sys.executable
+    full_env.update(env or {})
+    return subprocess.run(["bash", os.path.join(ROOT, "test", name), *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc):
+    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]

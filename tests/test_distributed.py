@@ -1,0 +1,122 @@
+"""Data-parallel training and evaluation on CPU with gloo: same weights, same figures, any world size."""
+
+import csv
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_image_folder, run_cli, run_script
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--image-size", "71", "--workers", "0", "--seed", "5", "--print-freq", "1"]
+
+
+def square_data(root, n_train=12):
+    """Square images, so that RandomResizedCrop with scale (1, 1) takes the whole image: no random crop."""
+    return make_image_folder(root, classes=("a", "b"), n_train=n_train, n_val=5, size=(71, 71))
+
+
+def test_two_processes_with_sync_bn_give_the_weights_of_one_process(tmp_path):
+    data = square_data(tmp_path / "d")
+    common = ["train", "--data_path", data, "--epochs", 1, "--batch-size", 8, "--lr", 0.05,
+              "--crop-scale", 1, 1, "--no-hflip", "--no-channels-last", *SMALL]
+    one = run_cli(*common, "--output-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = run_cli(*common, "--output-dir", tmp_path / "two", "--nproc", 2, "--sync-bn")
+    assert two.returncode == 0, two.stderr
+    a = torch.load(tmp_path / "one" / "checkpoint.pth.tar", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pth.tar", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+            moved += 1
+    assert moved > 100
+    # The steps really changed the weights (otherwise equality proves nothing): compare with the init.
+    from xception import Xception
+    torch.manual_seed(5)
+    init = Xception(num_classes=2).state_dict()
+    assert not torch.allclose(init["fc.weight"], a["fc.weight"])
+    assert not torch.allclose(init["entry_flow.0.0.weight"], a["entry_flow.0.0.weight"])
+    assert two.stdout.count("Final Performance images/sec") == 1
+
+
+def eval_figures(proc):
+    m = re.search(r"on (\d+) images: loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return m.groups()
+
+
+def test_two_process_eval_equals_one_process_eval_on_an_odd_val_set(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_train=2, n_val=3)  # 9 val images
+    assert run_cli("train", "--data_path", data, "--epochs", 1, "--batch-size", 2, "--output-dir", tmp_path / "t",
+                   *SMALL).returncode == 0
+    ckpt = tmp_path / "t" / "checkpoint.pth.tar"
+    one = run_cli("eval", "--data_path", data, "--resume", ckpt, "--batch-size", 4, "--output-dir", tmp_path / "e1",
+                  *SMALL)
+    two = run_cli("eval", "--data_path", data, "--resume", ckpt, "--batch-size", 4, "--output-dir", tmp_path / "e2",
+                  "--nproc", 2, *SMALL)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert eval_figures(one)[0] == "9"
+    assert eval_figures(two)[:1] == eval_figures(one)[:1]
+    assert eval_figures(two)[2:] == eval_figures(one)[2:]  # top-1 and top-5 exactly
+    assert abs(float(eval_figures(two)[1]) - float(eval_figures(one)[1])) < 1e-4
+
+
+def test_batch_not_divisible_by_the_process_count_is_refused(tmp_path):
+    data = square_data(tmp_path / "d")
+    proc = run_cli("train", "--data_path", data, "--batch-size", 5, "--nproc", 2, *SMALL)
+    assert proc.returncode == 2
+    assert "divide evenly" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_8p_scripts_run_with_two_processes_and_report_once(tmp_path):
+    data = make_image_folder(tmp_path / "d")
+    env = {"XCEPTION_NPROC": "2"}
+    full = run_script("train_full_8p.sh", f"--data_path={data}", "--epochs=1", "--batch-size=8", "--image-size=71",
+                      "--workers=0", cwd=tmp_path, env=env)
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.count("Final Train Accuracy") == 1
+    assert (tmp_path / "Xception_bs8_2p_acc.log").exists()
+    perf = run_script("train_performance_8p.sh", f"--data_path={data}", "--batch-size=8", "--image-size=71",
+                      "--workers=0", "--output-dir=perf", cwd=tmp_path, env=env)
+    assert perf.returncode == 0, perf.stderr
+    assert "Final Performance images/sec" in perf.stdout and (tmp_path / "perf" / "Xception_bs8_2p_perf.log").exists()
+    ev = run_script("train_eval_8p.sh", f"--data_path={data}", f"--resume_pth={tmp_path / 'checkpoint.pth.tar'}",
+                    "--image-size=71", "--batch-size=8", "--workers=0", "--output-dir=ev", cwd=tmp_path, env=env)
+    assert ev.returncode == 0, ev.stderr
+    one = run_cli("eval", "--data_path", data, "--resume", tmp_path / "checkpoint.pth.tar", "--image-size", 71,
+                  "--batch-size", 8, "--workers", 0, "--output-dir", tmp_path / "ev1")
+    assert eval_figures(ev)[2:] == eval_figures(one)[2:]
+    assert ev.stdout.count("Final Train Accuracy") == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_and_checkpoint(tmp_path):
+    data = make_image_folder(tmp_path / "d")
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=xception-test", "-m", "xception", "train", "--data_path", str(data), "--epochs", "1",
+               "--batch-size", "4", "--output-dir", str(tmp_path / "out"), *map(str, SMALL)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert (tmp_path / "out" / "checkpoint.pth.tar").exists()
+    assert sum(o[0].count("Final Train Accuracy") for o in outs) == 1
+    assert "training on 2 x cpu" in outs[0][0]
