@@ -22,30 +22,54 @@ def square_data(root, n_train=12):
     return make_image_folder(root, classes=("a", "b"), n_train=n_train, n_val=5, size=(71, 71))
 
 
-def test_two_processes_with_sync_bn_give_the_weights_of_one_process(tmp_path):
+def torchrun(nproc, *args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_with_sync_bn_compute_the_gradients_of_one_process(tmp_path):
+    """Global batch 8: 2 ranks x 4 with sync-BN + DDP must take the SGD steps of 1 process x 8 (float64)."""
+    worker = os.path.join(os.path.dirname(__file__), "sync_bn_worker.py")
+    for n in (1, 2):
+        proc = torchrun(n, worker, tmp_path / f"{n}.pt")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = torch.load(tmp_path / "1.pt", weights_only=True)
+    two = torch.load(tmp_path / "2.pt", weights_only=True)
+    assert one.keys() == two.keys()
+    from xception import Xception
+    torch.manual_seed(5)
+    init = Xception(num_classes=2).state_dict()
+    for key in one:
+        if one[key].is_floating_point():
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-9, msg=key)
+    # The steps really moved the weights and the BN statistics, so the equality above says something.
+    assert not torch.allclose(init["fc.weight"].double(), one["fc.weight"])
+    assert not torch.allclose(init["entry_flow.0.0.weight"].double(), one["entry_flow.0.0.weight"])
+    assert not torch.allclose(init["exit_flow.2.1.running_var"].double(), one["exit_flow.2.1.running_var"])
+
+
+def test_two_process_sync_bn_training_through_the_cli_follows_one_process(tmp_path):
+    """The same through `xception train --nproc 2 --sync-bn` in float32. Rounding differs between the two
+    runs (~1e-6), and an activation that close to zero can flip a ReLU (a small --lr keeps such a flip
+    from growing over the steps), so this compares the loss closely
+    and the weights to 1e-3; the float64 test above holds the 1e-5 bar."""
     data = square_data(tmp_path / "d")
-    common = ["train", "--data_path", data, "--epochs", 1, "--batch-size", 8, "--lr", 0.05,
+    common = ["train", "--data_path", data, "--epochs", 1, "--batch-size", 8, "--lr", 0.01,
               "--crop-scale", 1, 1, "--no-hflip", "--no-channels-last", *SMALL]
     one = run_cli(*common, "--output-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = run_cli(*common, "--output-dir", tmp_path / "two", "--nproc", 2, "--sync-bn")
     assert two.returncode == 0, two.stderr
+    assert two.stdout.count("Final Performance images/sec") == 1
+    rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("one", "two")]
+    assert float(rows[1][0]["train_loss"]) == pytest.approx(float(rows[0][0]["train_loss"]), rel=1e-4)
     a = torch.load(tmp_path / "one" / "checkpoint.pth.tar", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "checkpoint.pth.tar", weights_only=True)["model"]
     assert a.keys() == b.keys()
-    moved = 0
     for key in a:
         if a[key].is_floating_point():
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
-            moved += 1
-    assert moved > 100
-    # The steps really changed the weights (otherwise equality proves nothing): compare with the init.
-    from xception import Xception
-    torch.manual_seed(5)
-    init = Xception(num_classes=2).state_dict()
-    assert not torch.allclose(init["fc.weight"], a["fc.weight"])
-    assert not torch.allclose(init["entry_flow.0.0.weight"], a["entry_flow.0.0.weight"])
-    assert two.stdout.count("Final Performance images/sec") == 1
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def eval_figures(proc):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -92,6 +93,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        for flag, path in (("--resume", self.resume), ("--pretrained", self.pretrained)):
+            if path and not os.path.isfile(path):
+                what = "is a folder; give a checkpoint file" if os.path.isdir(path) else "no such file"
+                raise UserError(f"{flag} {path}: {what}")
         if self.loss_scale not in (None, "dynamic"):
             try:
                 scale = float(self.loss_scale)

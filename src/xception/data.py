@@ -134,8 +134,12 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 
 def split_workers(total: int, world_size: int) -> int:
-    """--workers is the job's total per node, as in the seed; each process gets its share."""
-    return max(0, total // world_size) if total else 0
+    """--workers is the job's total per node, as in the seed; each process gets its share, capped at the
+    CPUs this process may use (more workers than cores only adds contention)."""
+    if not total:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(total // world_size, cpus)
 
 
 def make_loader(dataset: Dataset, cfg: Config, dist, train: bool, generator: torch.Generator) -> DataLoader:
