@@ -111,7 +111,23 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=_int, default=None, help="override the demo's epochs")
     p.add_argument("--device", default="auto")
     p.add_argument("-j", "--workers", type=_int, default=None, help="override the demo's workers")
+
+    for name, (module, text) in TOOLS.items():
+        p = sub.add_parser(name, help=text, allow_abbrev=False)
+        tool(name).add_arguments(p)
     return parser
+
+
+# Subcommands whose flags and work live in a module of their own: name -> (module, help).
+# Each module has add_arguments(parser) and run(args) -> exit code, and imports heavy libraries lazily.
+TOOLS = {
+    "bench": ("bench", "time a training or inference step (ours vs timm), or the input pipeline"),
+}
+
+
+def tool(name: str):
+    import importlib
+    return importlib.import_module(f".{TOOLS[name][0]}", __package__)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -160,6 +176,8 @@ def main(argv: list | None = None) -> int:
             config_from_args(args).validate(world_size=nproc)  # refuse bad flags once, before spawning
             from .distributed import launch_local
             return launch_local(nproc, strip_launch_flags(argv))
+        if args.command in TOOLS:
+            return tool(args.command).run(args)
         if args.command == "demo":
             from .demo import run_demo
             run_demo(args.output_dir, epochs=args.epochs, device=args.device, workers=args.workers)
