@@ -97,9 +97,14 @@ def load_checkpoint(path: str, flag: str = "--resume") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own text advises weights_only=False; not ours to repeat. Name what the file wanted.
+        wanted = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+        if not wanted:
+            raise UserError(f"{flag} {path}: not a readable checkpoint (not a file written by torch.save); "
+                            f"give a checkpoint.pth.tar written by xception train")
         raise UserError(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
-                        f"({first[:200]}); only load checkpoints you trust and wrote yourself")
+                        f"({wanted[0][:200]}), which could run code when loaded; only load checkpoints you "
+                        f"trust and wrote yourself")
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); "
                         f"the file may be truncated or of another format")

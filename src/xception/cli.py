@@ -37,6 +37,14 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="train: RandomResizedCrop area range (default 0.08 1)")
     g.add_argument("--no-hflip", dest="hflip", action="store_false", help="train: no horizontal flips")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="log, count and skip images that fail to decode (default: stop at the first, naming it)")
+    g.add_argument("--loader", choices=["auto", "pil", "tv", "dali"], default="auto",
+                   help="input pipeline: tv = torchvision decode_jpeg + uint8 transforms (auto, the fastest "
+                        "CPU path); pil = Pillow + transforms; dali = NVIDIA DALI, decoding on the GPU. "
+                        "--data_path may also be a shard set from xception prepare (folder or URL)")
+    g.add_argument("--no-check-data", dest="check_data", action="store_false",
+                   help="skip the decode check of every image before the first epoch (as xception check-data)")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -81,9 +89,20 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", "--warm_up_epochs", dest="warmup_epochs", type=float, default=0.0,
                    help="linear warm-up epochs before the cosine decay (default 0)")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (paper: 0.5)")
-    g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint")
+    g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint; 'auto': from "
+                                                                  "OUTPUT_DIR/checkpoint.pth.tar if it exists")
+    g.add_argument("--max-nonfinite-steps", type=_int, default=10, metavar="K",
+                   help="with fp16 loss scaling, stop after K non-finite losses in a row (default 10); "
+                        "without loss scaling the first one stops the run")
     g.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="start from these weights; a classifier of another class count is replaced")
+                   help="start from these weights: our checkpoint, timm/Cadene legacy_xception .pth or "
+                        ".safetensors, or a Keras .h5 (format detected); a classifier of another class "
+                        "count is replaced")
+    g.add_argument("--freeze-epochs", type=_int, default=0, metavar="K",
+                   help="train only the classifier for the first K epochs (backbone and its BatchNorm "
+                        "statistics frozen), then the whole network (default 0)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="log scalars to OUTPUT_DIR/tensorboard every print interval and every epoch")
     g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the --resume checkpoint on val/")
 
 
@@ -102,7 +121,9 @@ def build_parser() -> Parser:
     add_data_flags(p)
     add_run_flags(p)
     p.add_argument("--resume", "--weights", dest="resume", required=True, metavar="PATH",
-                   help="checkpoint to evaluate")
+                   help="checkpoint to evaluate, or an .onnx file from xception export (run by onnxruntime)")
+    p.add_argument("--report", dest="eval_report", action="store_true",
+                   help="also write per_class.csv, confusion.csv and confusion.png to --output-dir")
 
     p = sub.add_parser("demo", help="train and evaluate on scikit-learn's bundled digits (no download)",
                        allow_abbrev=False)
@@ -122,6 +143,11 @@ def build_parser() -> Parser:
 # Each module has add_arguments(parser) and run(args) -> exit code, and imports heavy libraries lazily.
 TOOLS = {
     "bench": ("bench", "time a training or inference step (ours vs timm), or the input pipeline"),
+    "check-data": ("datacheck", "decode-check every image of DATA/train and DATA/val in parallel; list bad files"),
+    "predict": ("predict", "class names and probabilities for images or folders of images"),
+    "export": ("export", "write an ONNX or TorchScript graph (BatchNorm folded), verified against PyTorch"),
+    "plot": ("plots", "draw OUTPUT_DIR/curves.png (loss, accuracy, lr, img/s) from a run's metrics.csv"),
+    "prepare": ("shards", "convert an image folder into WebDataset tar shards (resumable) for streamed loading"),
 }
 
 
@@ -194,6 +220,14 @@ def main(argv: list | None = None) -> int:
     except KeyboardInterrupt:
         print("xception: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch.distributed's errors derive from RuntimeError
+        from .preempt import peer_lost
+        if os.environ.get("WORLD_SIZE", "1") == "1" or not peer_lost(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"xception: error: rank {rank} lost contact with another process of the job ({first}); "
+              f"the launcher's last line names the process that failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ class Config:
     crop_scale: tuple = (0.08, 1.0)
     hflip: bool = True
     workers: int = 4
+    loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali (inputs.py)
     # optimisation
     epochs: int = 90
     steps_per_epoch: Optional[int] = None  # cut each epoch short (performance runs)
@@ -54,6 +55,14 @@ class Config:
     case_name: Optional[str] = None
     channels_last: Optional[bool] = None  # None: the measured default for the device
     pretrained: Optional[str] = None
+    # faults (datacheck.py, preempt.py)
+    skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
+    check_data: bool = True  # decode-check every image before the first epoch
+    max_nonfinite_steps: int = 10  # with fp16 loss scaling: stop after this many non-finite losses in a row
+    # interop and deployment (weights.py, finetune.py, observe.py, evalreport.py)
+    freeze_epochs: int = 0  # train only the classifier for the first K epochs
+    tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
+    eval_report: bool = False  # xception eval --report: per-class accuracy and confusion matrix
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -73,6 +82,8 @@ class Config:
             (self.batch_size > 0, f"--batch-size must be a positive number, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
+            (self.loader in ("auto", "pil", "tv", "dali"),
+             f"--loader must be auto, pil, tv or dali, got {self.loader!r}"),
             (self.momentum >= 0, f"--momentum must be 0 or more, got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -84,6 +95,9 @@ class Config:
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              f"--crop-scale needs 0 < MIN <= MAX <= 1, got {self.crop_scale[0]} {self.crop_scale[1]}"),
             (self.print_freq > 0, f"--print-freq must be a positive number, got {self.print_freq}"),
+            (self.max_nonfinite_steps > 0,
+             f"--max-nonfinite-steps must be a positive number, got {self.max_nonfinite_steps}"),
+            (self.freeze_epochs >= 0, f"--freeze-epochs must be 0 or more, got {self.freeze_epochs}"),
             (self.amp_dtype in ("float16", "bfloat16"),
              f"--amp-dtype must be float16 or bfloat16, got {self.amp_dtype}"),
             (self.batch_size % world_size == 0,
@@ -94,7 +108,7 @@ class Config:
             if not ok:
                 raise UserError(message)
         for flag, path in (("--resume", self.resume), ("--pretrained", self.pretrained)):
-            if path and not os.path.isfile(path):
+            if path and not os.path.isfile(path) and not (flag == "--resume" and path == "auto"):
                 what = "is a folder; give a checkpoint file" if os.path.isdir(path) else "no such file"
                 raise UserError(f"{flag} {path}: {what}")
         if self.loss_scale not in (None, "dynamic"):

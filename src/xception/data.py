@@ -68,6 +68,9 @@ def scan_dataset(data_path: str, need_train: bool = True) -> tuple:
         only_val = sorted(set(val.classes) - set(train.classes))
         raise UserError(f"--data_path {data_path}: train/ and val/ must hold the same classes; "
                         f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}")
+    if len(train.classes) < 2:
+        raise UserError(f"--data_path {data_path}: only one class ({train.classes[0]}); a classifier needs at "
+                        f"least two class folders in train/ and val/")
     return train, val
 
 
@@ -147,7 +150,9 @@ def make_loader(dataset: Dataset, cfg: Config, dist, train: bool, generator: tor
     if train:
         # DistributedSampler also with one process: the data order then depends on the seed and epoch
         # only, so the union of the ranks' batches equals the one-process batch at every step.
-        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed or 0)
+        # (preempt.ResumableSampler is torch's DistributedSampler that can also start mid-epoch.)
+        from .preempt import ResumableSampler
+        sampler = ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed or 0)
     else:
         sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
     workers = split_workers(cfg.workers, dist.local_world_size)
@@ -155,4 +160,5 @@ def make_loader(dataset: Dataset, cfg: Config, dist, train: bool, generator: tor
         dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
         pin_memory=dist.device.type == "cuda", drop_last=train and len(dataset) >= cfg.batch_size,
         persistent_workers=workers > 0, generator=generator,
+        collate_fn=getattr(dataset, "collate_fn", None),  # decode.FastFolderDataset: NHWC uint8 batches
     )

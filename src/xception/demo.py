@@ -4,13 +4,12 @@ as an image-folder tree and trained through the same loader and training code as
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import numpy as np
 from PIL import Image
 
-from .config import Config
+from .config import Config, UserError
 
 # Digits are not ImageNet photos: a mirrored 2 is not a 2, and an 8% crop of an 8x8 scan is noise.
 # So no flips and crops of at least half the image; 71 px is the model's minimum input.
@@ -31,6 +30,10 @@ def write_digits(root: str, val_fraction: float = 0.2, seed: int = 0) -> tuple:
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
         return len(train_idx), len(val_idx)
+    if os.path.exists(root):
+        # Ours would hold .complete (the tree is renamed into place whole), so this is somebody's data.
+        raise UserError(f"{root}: exists and is not a digits tree written by the demo; "
+                        f"choose another --output-dir or move it away")
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
@@ -40,8 +43,6 @@ def write_digits(root: str, val_fraction: float = 0.2, seed: int = 0) -> tuple:
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(images[i], mode="L").save(os.path.join(folder, f"{i:04d}.png"))
     open(os.path.join(tmp, ".complete"), "w").close()
-    if os.path.exists(root):
-        shutil.rmtree(root)  # an unfinished tree of our own from an interrupted demo
     os.replace(tmp, root)
     return len(train_idx), len(val_idx)
 

@@ -194,14 +194,19 @@ def launch_local(nproc: int, argv: list) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "xception", *argv])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from .preempt import EXIT_PREEMPTED, report_failed_ranks
     try:
         run(args)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
         if set(codes.values()) == {2}:
             return 2  # a user error, already printed by the ranks
-        rank, code = min(codes.items())
-        print(f"xception: error: process of rank {rank} failed with exit code {code} "
-              f"(its output is above); {len(codes)} of {nproc} processes failed", file=sys.stderr)
-        return 1
+        return report_failed_ranks(e.failures, nproc)
+    except SignalException as e:
+        # torchrun passed the signal on to every process, which saved a resumable checkpoint (or, past its
+        # grace period, was killed, leaving the previous one).
+        print(f"xception: stopped by {e.sigval.name}; continue with the same flags and --resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

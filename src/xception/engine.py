@@ -83,8 +83,10 @@ def _step(model, images, targets, criterion, optimizer, precision: Precision) ->
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, precision: Precision,
-                    ctx: DistContext, cfg: Config, progress, channels_last: bool) -> EpochStats:
-    """Train over `loader` once, stepping the LR schedule every iteration.
+                    ctx: DistContext, cfg: Config, progress, channels_last: bool, start_step: int = 0,
+                    guard=None) -> EpochStats:
+    """Train over `loader` once, stepping the LR schedule every iteration. A resumed epoch starts at
+    `start_step`; `guard` (preempt.StepGuard) may stop the epoch after any step (signal, non-finite loss).
 
     img/s counts the images of every process from iteration TIMING_WARMUP_ITERS on, over wall time
     between device-synchronised clock reads: data loading included, warm-up excluded.
@@ -92,12 +94,13 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
     model.train()
     device = ctx.device
     n = len(loader) if cfg.steps_per_epoch is None else min(len(loader), cfg.steps_per_epoch)
-    skip = min(TIMING_WARMUP_ITERS, n - 1)
+    skip = min(start_step + TIMING_WARMUP_ITERS, n - 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = timed = 0
+    seen = timed = steps = 0
     t_epoch = t0 = time.perf_counter()
-    for i, (images, targets) in enumerate(loader):
-        if i == n:
+    batches = loader if guard is None else guard.batches(loader, start_step)
+    for i, (images, targets) in enumerate(batches, start_step):
+        if i >= n:
             break
         images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -117,6 +120,9 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
         if (i + 1) % cfg.print_freq == 0 or i + 1 == n:
             rate = timed * ctx.world_size / max(time.perf_counter() - t0, 1e-9) if timed else 0.0
             progress.update(i + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], img_s=rate)
+        steps += 1
+        if guard is not None and guard.after_step(i, loss):
+            break
     synchronize(device)
     t_end = time.perf_counter()
     totals = ctx.all_reduce_sum(torch.tensor([loss_sum.item(), seen, timed], dtype=torch.float64,
@@ -125,7 +131,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
     if ctx.distributed:
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
     loss_total, seen_total, timed_total = totals.tolist()
-    return EpochStats(loss=loss_total / max(n * ctx.world_size, 1),
+    return EpochStats(loss=loss_total / max(steps * ctx.world_size, 1),
                       images_per_sec=timed_total / max(elapsed.item(), 1e-9),
                       seconds=t_end - t_epoch, images=int(seen_total))
 

@@ -187,21 +187,15 @@ class Xception(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def create_model(num_classes: int = 1000, weights: str | None = None, drop_rate: float = 0.0,
-                 keras_exact: bool = False, log=print) -> Xception:
-    """Build Xception and optionally load one of our checkpoints (or a bare state dict) from `weights`.
+def create_model(num_classes: int | None = None, weights: str | None = None, drop_rate: float = 0.0,
+                 keras_exact: bool | None = None, log=print) -> Xception:
+    """Build Xception and optionally load `weights`: one of our checkpoints, a timm/Cadene legacy_xception
+    .pth or .safetensors file, or a Keras .h5 file; the format is detected from the file (weights.py).
 
-    When `num_classes` differs from the checkpoint's, everything but the classifier is loaded and the
-    classifier keeps its fresh initialisation; `log` says so.
+    When `num_classes` differs from the file's (or the file has no classifier), everything but the
+    classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
+    None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
     """
-    model = Xception(num_classes=num_classes, drop_rate=drop_rate, keras_exact=keras_exact)
-    if weights is not None:
-        from .checkpoint import load_checkpoint, load_weights, model_state
+    from .weights import create_model as _create
 
-        state = model_state(load_checkpoint(weights, flag="weights"))
-        skipped = load_weights(model, state, source=weights)
-        if skipped:
-            old = state["fc.weight"].shape[0]
-            log(f"{weights}: loaded all but the classifier, which has {old} classes there and "
-                f"{num_classes} here; the new classifier starts from scratch")
-    return model
+    return _create(num_classes, weights, drop_rate=drop_rate, keras_exact=keras_exact, log=log)

@@ -9,7 +9,8 @@ import sys
 
 from tqdm import tqdm
 
-METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "epoch_seconds"]
+METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "epoch_seconds",
+                  "bad_images_skipped", "overflow_steps_skipped"]
 
 
 class Progress:

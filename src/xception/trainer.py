@@ -13,11 +13,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from . import checkpoint as ckpt
-from . import report
+from . import datacheck, inputs, plots, preempt, prefetch, report
 from .config import Config, UserError
 from .data import FolderDataset, eval_transform, make_loader, scan_dataset, train_transform
 from .distributed import DistContext, cleanup, convert_sync_batchnorm, setup
 from .engine import evaluate, make_precision, train_one_epoch
+from .finetune import HeadOnly
+from .observe import Board
+from .weights import apply_saved_numerics
 from .model import Xception
 
 WARMUP_START_FACTOR = 0.01  # linear warm-up starts at 1% of --lr
@@ -78,17 +81,28 @@ class Run:
             cfg.seed = int(seed.item())
         if self.ctx.is_main:
             check_output_dir(cfg.output_dir)
-        train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
-        self.classes = val_split.classes
+        self.bad_skipped = 0  # files the pre-scan left out (--skip-bad-images)
+        self.generator = torch.Generator()
+        streamed = inputs.streamed_loaders(cfg, self.ctx, need_train, self.log)  # a shard set, --loader dali
+        if streamed is not None:
+            self.classes, self.train_loader, self.val_loader = streamed
+        else:
+            train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
+            if cfg.check_data:
+                (train_split, val_split), self.bad_skipped = datacheck.screen(cfg, self.ctx,
+                                                                              [train_split, val_split], self.log)
+            self.classes = val_split.classes
+            self.val_loader = make_loader(datacheck.guard(inputs.folder_dataset(val_split, cfg, train=False), cfg),
+                                          cfg, self.ctx, train=False, generator=torch.Generator())
+            self.train_loader = None
+            if need_train:
+                self.train_loader = make_loader(datacheck.guard(inputs.folder_dataset(train_split, cfg, train=True),
+                                                                cfg), cfg, self.ctx, train=True, generator=self.generator)
+        # on CUDA the next batch's host-to-device copy runs on a side stream during the current step
+        self.train_loader = prefetch.for_device(self.train_loader, self.ctx.device)
+        self.val_loader = prefetch.for_device(self.val_loader, self.ctx.device)
         self.channels_last = (default_channels_last(self.ctx.device) if cfg.channels_last is None
                               else cfg.channels_last)
-        self.generator = torch.Generator()
-        self.val_loader = make_loader(FolderDataset(val_split, eval_transform(cfg.image_size, cfg.crop_pct)),
-                                      cfg, self.ctx, train=False, generator=torch.Generator())
-        self.train_loader = None
-        if need_train:
-            self.train_loader = make_loader(FolderDataset(train_split, train_transform(cfg)), cfg, self.ctx,
-                                            train=True, generator=self.generator)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Xception(num_classes=len(self.classes), drop_rate=cfg.drop_rate)
         self.precision = make_precision(cfg, self.ctx.device, warn=self.log)
@@ -130,8 +144,12 @@ def _case_name(cfg: Config, world_size: int, kind: str) -> str:
 def train(cfg: Config) -> dict:
     """Train for cfg.epochs (resuming if asked), evaluating and checkpointing after every epoch."""
     t_start = time.perf_counter()
+    if cfg.resume == "auto":  # for restarts (torchrun --max-restarts, requeued jobs): resume if there is one
+        found = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_NAME)
+        cfg.resume = found if os.path.isfile(found) else None
     run = Run(cfg, need_train=True)
     ctx, log = run.ctx, run.log
+    guard = board = None
     try:
         case = _case_name(cfg, ctx.world_size, "acc")
         ckpt_path = os.path.join(cfg.output_dir, ckpt.CHECKPOINT_NAME)
@@ -140,8 +158,9 @@ def train(cfg: Config) -> dict:
             raise UserError(f"--output-dir {cfg.output_dir}: already holds {ckpt.CHECKPOINT_NAME}; continue it "
                             f"with --resume {ckpt_path}, or choose another --output-dir")
         if cfg.pretrained:
-            from .model import create_model
-            run.model = create_model(len(run.classes), weights=cfg.pretrained, drop_rate=cfg.drop_rate, log=log)
+            from .weights import create_model
+            run.model = create_model(len(run.classes), weights=cfg.pretrained, drop_rate=cfg.drop_rate, log=log,
+                                     flag="--pretrained")
         model = run.place_model()
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -150,11 +169,15 @@ def train(cfg: Config) -> dict:
         if cfg.steps_per_epoch:
             iters = min(iters, cfg.steps_per_epoch)
         scheduler = build_scheduler(optimizer, cfg, iters)
-        start_epoch, best_top1 = 0, -math.inf
+        guard = preempt.StepGuard(ctx, optimizer, run.precision.scaler is not None, cfg.max_nonfinite_steps, log)
+        freezer = HeadOnly(model, optimizer, cfg.freeze_epochs, log)  # --freeze-epochs
+        board = Board(cfg.tensorboard and ctx.is_main, cfg.output_dir, iters, log)  # --tensorboard
+        start_epoch, start_step, best_top1 = 0, 0, -math.inf
         if cfg.resume:
             state = ckpt.load_checkpoint(cfg.resume)
             run.check_classes(state, cfg.resume)
             ckpt.load_weights(ckpt.unwrap(model), ckpt.model_state(state), cfg.resume, allow_new_head=False)
+            apply_saved_numerics(model, state)
             try:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
@@ -164,7 +187,10 @@ def train(cfg: Config) -> dict:
                 raise UserError(f"--resume {cfg.resume}: holds no resumable training state ({e}); "
                                 f"use --pretrained to start a new run from its weights")
             start_epoch, best_top1 = int(state["epoch"]), float(state.get("best_acc1", -math.inf))
-            log(f"resumed from {cfg.resume}: epoch {start_epoch} done, best top-1 {best_top1:.3f}")
+            start_step = preempt.resume_position(state, guard, ctx, log)
+            log(f"resumed from {cfg.resume}: epoch {start_epoch} done"
+                + (f" and {start_step} steps of epoch {start_epoch + 1}" if start_step else "")
+                + f", best top-1 {best_top1:.3f}")
             if start_epoch >= cfg.epochs:
                 raise UserError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; "
                                 f"raise --epochs above {start_epoch} to train further")
@@ -180,30 +206,54 @@ def train(cfg: Config) -> dict:
         if start_epoch >= end_epoch:
             raise UserError(f"--stop-after-epochs {cfg.stop_after_epochs}: the checkpoint has already "
                             f"trained {start_epoch} epochs; raise it or leave it out")
+        saved_epoch = start_epoch if cfg.resume else 0
+
+        def state(epoch: int, **extra) -> dict:
+            return {
+                "format": ckpt.FORMAT, "arch": "xception", "epoch": epoch,
+                "model": ckpt.clean_state_dict(ckpt.unwrap(model).state_dict()),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
+                "best_acc1": best_top1, "args": cfg.to_dict(), "class_names": list(run.classes),
+                "keras_exact": bool(getattr(ckpt.unwrap(model), "keras_exact", False)), **extra,
+            }
+
+        guard.install()
         for epoch in range(start_epoch, end_epoch):
             seed_epoch(cfg.seed, ctx, epoch, run.generator, run.train_loader)
             progress = report.Progress(ctx.is_main, iters, f"epoch {epoch + 1}/{cfg.epochs}", cfg.print_freq)
+            progress = board.wrap(progress, epoch)
+            freezer.set_epoch(epoch)
+            counts_before = preempt.fault_counts(run, guard)
             stats = train_one_epoch(model, run.train_loader, criterion, optimizer, scheduler, run.precision,
-                                    ctx, cfg, progress, run.channels_last)
+                                    ctx, cfg, progress, run.channels_last, start_step=start_step, guard=guard)
+            start_step = 0
             progress.close()
+            if guard.stop == "nonfinite":  # the weights may be damaged: keep the last checkpoint as it is
+                raise preempt.Diverged(guard.diverged_message(epoch, ckpt_path, saved_epoch))
+            if guard.stop == "signal":
+                rng = preempt.gather_rng(ctx)
+                if ctx.is_main:
+                    ckpt.save_atomic(state(epoch, epoch_step=guard.steps_done, rng=rng), ckpt_path)
+                ctx.barrier()
+                raise preempt.Preempted(f"stopped by {guard.signal_name} at epoch {epoch + 1} step "
+                                        f"{guard.steps_done}/{iters}; saved {ckpt_path}; continue from that "
+                                        f"step with the same flags and --resume {ckpt_path}")
             val = evaluate(model, run.val_loader, run.precision, ctx, run.channels_last)
             fps_images += stats.images_per_sec * stats.seconds
             fps_seconds += stats.seconds
             last = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"], "top1": val["top1"],
                     "top5": val["top5"], "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
+                    "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds,
+                    **preempt.fault_deltas(run, guard, counts_before)}
             is_best = val["top1"] > best_top1
             best_top1 = max(best_top1, val["top1"])
             if ctx.is_main:
-                log(report.epoch_line(epoch + 1, cfg.epochs, last))
+                log(report.epoch_line(epoch + 1, cfg.epochs, last) + preempt.fault_summary(last, cfg, guard))
                 report.append_metrics(metrics_path, last)
-                ckpt.save_atomic({
-                    "format": ckpt.FORMAT, "arch": "xception", "epoch": epoch + 1,
-                    "model": ckpt.clean_state_dict(ckpt.unwrap(model).state_dict()),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
-                    "best_acc1": best_top1, "args": cfg.to_dict(), "class_names": list(run.classes),
-                }, ckpt_path)
+                board.epoch(last)
+                ckpt.save_atomic(state(epoch + 1), ckpt_path)
+                saved_epoch = epoch + 1
                 if is_best:
                     ckpt.copy_atomic(ckpt_path, os.path.join(cfg.output_dir, ckpt.BEST_NAME))
             ctx.barrier()
@@ -214,6 +264,7 @@ def train(cfg: Config) -> dict:
                   "e2e_seconds": e2e, "checkpoint": ckpt_path, "metrics": metrics_path}
         if ctx.is_main:
             log(report.result_block(fps, last["top1"], e2e))
+            plots.curves_at_end(cfg.output_dir, log)
             report.write_case_log(cfg.output_dir, case, {
                 "Network": "Xception", "RankSize": ctx.world_size, "BatchSize": cfg.batch_size,
                 "DeviceType": ctx.device.type, "CaseName": case, "ActualFPS": f"{fps:.3f}",
@@ -223,6 +274,10 @@ def train(cfg: Config) -> dict:
             })
         return result
     finally:
+        if guard is not None:
+            guard.uninstall()
+        if board is not None:
+            board.close()
         cleanup()
 
 
@@ -230,6 +285,9 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     """Evaluate the checkpoint given by --resume on DATA/val; print top-1/top-5 and the result block."""
     if not cfg.resume:
         raise UserError("xception eval needs the checkpoint to evaluate: --resume PATH (or --weights PATH)")
+    if cfg.resume.lower().endswith(".onnx"):  # an exported graph, run by onnxruntime
+        from .evalreport import evaluate_onnx
+        return evaluate_onnx(cfg)
     t_start = time.perf_counter()
     run = Run(cfg, need_train=False)
     ctx, log = run.ctx, run.log
@@ -238,10 +296,15 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         state = ckpt.load_checkpoint(cfg.resume)
         run.check_classes(state, cfg.resume)
         ckpt.load_weights(run.model, ckpt.model_state(state), cfg.resume, allow_new_head=False)
+        apply_saved_numerics(run.model, state)
         model = run.place_model()
         progress = report.Progress(ctx.is_main, len(run.val_loader), "eval", cfg.print_freq)
         t0 = time.perf_counter()
-        val = evaluate(model, run.val_loader, run.precision, ctx, run.channels_last, progress)
+        if cfg.eval_report:  # the same figures, plus the confusion matrix
+            from .evalreport import evaluate_and_report, write_report
+            val = evaluate_and_report(model, run.val_loader, run.precision, ctx, run.channels_last, progress)
+        else:
+            val = evaluate(model, run.val_loader, run.precision, ctx, run.channels_last, progress)
         progress.close()
         seconds = time.perf_counter() - t0
         fps = val["count"] / seconds
@@ -249,6 +312,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         if ctx.is_main:
             log(f"eval {cfg.resume} on {val['count']} images: loss {val['loss']:.4f} top1 {val['top1']:.3f} "
                 f"top5 {val['top5']:.3f}")
+            if cfg.eval_report:
+                write_report(val, run.classes, cfg.output_dir, os.path.basename(cfg.resume), log)
             log(report.result_block(fps, val["top1"], e2e))
             report.write_case_log(cfg.output_dir, case, {
                 "Network": "Xception", "RankSize": ctx.world_size, "BatchSize": cfg.batch_size,

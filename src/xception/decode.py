@@ -1,0 +1,228 @@
+"""The fast CPU input path (`--loader tv`, the default): bytes -> RGB uint8 -> crop, resize, flip, all in
+uint8, never float, and batches collated channels-last.
+
+Decoder choice (measured, docs/performance.md "Input pipeline"): torchvision.io.decode_jpeg (libjpeg-turbo,
+EXIF orientation applied, greyscale expanded to RGB) for JPEGs; Pillow with reduced-size DCT decoding
+(Image.draft) when the pixels needed are at most half the stored size in both directions; Pillow
+(data.load_rgb) for every other format and for CMYK JPEGs. Crop parameters come from torchvision's own
+RandomResizedCrop, resizing is torchvision's antialiased uint8 kernel (the same filter as PIL's), so the
+augmentation is the reference one.
+
+Each sample is a 3xHxW uint8 tensor whose memory is HxWx3 (channels-last): the antialiased uint8 resize
+is ~2.5x faster on that layout, the collated batch is NHWC, and the device-side conversion to a
+channels_last float batch (data.to_device) then needs no transpose.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms as v1
+try:  # deprecated in torchvision 0.29 in favour of TorchCodec; Pillow decodes if it ever goes
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .data import FolderDataset, eval_resize_size, load_rgb
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range, as in the reference transform
+ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _pil_to_hwc(img: Image.Image) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+def _chw(hwc: torch.Tensor) -> torch.Tensor:
+    return hwc.permute(2, 0, 1)
+
+
+def jpeg_size(data: bytes):
+    """(width, height) as stored, from the JPEG's frame header, or None if it has none. Pillow's full
+    header parse costs about a tenth of a decode, and only the size is needed to rule a reduction out."""
+    pos, end = 2, len(data) - 9
+    while pos < end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
+
+
+def _jpeg(data: bytes) -> torch.Tensor:
+    """A JPEG -> 3xHxW uint8, EXIF orientation applied; greyscale and CMYK become RGB (as Pillow does)."""
+    if decode_jpeg is None:
+        return _pil(data)
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                           apply_exif_orientation=True)
+    except RuntimeError:  # a JPEG libjpeg-turbo refuses through torchvision: Pillow copes, or says why
+        return _pil(data)
+
+
+def _pil(data: bytes) -> torch.Tensor:
+    return _chw(_pil_to_hwc(load_rgb(io.BytesIO(data))))
+
+
+def decode_full(data: bytes) -> torch.Tensor:
+    """Any image file's bytes -> 3xHxW uint8 (HWC memory), EXIF orientation applied."""
+    return _jpeg(data) if data[:3] == JPEG_MAGIC else _pil(data)
+
+
+def decode_reduced(data: bytes, need, floor: int) -> tuple:
+    """Decode so that the image is still at least `need(oriented_w, oriented_h) -> (min_w, min_h)` pixels,
+    letting libjpeg drop DCT coefficients (1/2, 1/4, 1/8) when that is allowed. `floor`: the shortest
+    short side that could ever allow a reduction; below it `need` is not called (nor EXIF read). Returns
+    (3xHxW uint8, scale of the result relative to the stored, oriented size). Non-JPEGs: full size."""
+    if data[:3] != JPEG_MAGIC:
+        return _pil(data), 1.0
+    size = jpeg_size(data)
+    if size is None or min(size) < floor:
+        return _jpeg(data), 1.0
+    img = Image.open(io.BytesIO(data))
+    try:
+        w, h = img.size
+        turned = img.getexif().get(ORIENTATION, 1) in TRANSPOSED
+        ow, oh = (h, w) if turned else (w, h)
+        min_w, min_h = need(ow, oh)
+        if ow < 2 * min_w or oh < 2 * min_h:  # no reduction for this crop: the fast full decoder
+            return _jpeg(data), 1.0
+        want = (min_h, min_w) if turned else (min_w, min_h)
+        img.draft("RGB", (max(1, want[0]), max(1, want[1])))
+        scale = img.size[0] / w
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return _chw(_pil_to_hwc(img)), scale
+    finally:
+        img.close()
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, 3/4..4/3, bilinear, antialias) + p=0.5 horizontal flip, on uint8.
+    Callable on a path or on a decoded PIL image (the reference's input)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), hflip: bool = True, reduce: bool = True):
+        self.size, self.scale, self.hflip, self.reduce = size, tuple(scale), hflip, reduce
+
+    def crop_params(self, height: int, width: int) -> tuple:
+        """(top, left, h, w): torchvision's own RandomResizedCrop sampler, on torch's random stream."""
+        return v1.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
+                                               list(self.scale), list(RATIO))
+
+    def load(self, path: str) -> torch.Tensor:
+        with open(path, "rb") as f:
+            return self.load_bytes(f.read())
+
+    def load_bytes(self, data: bytes) -> torch.Tensor:
+        if not self.reduce:
+            return self.apply(decode_full(data))
+        chosen = {}
+
+        def need(w, h):  # sample the crop on the oriented full-size image, before decoding
+            chosen["box"] = box = self.crop_params(h, w)
+            side = min(box[2], box[3])
+            return math.ceil(w * self.size / side), math.ceil(h * self.size / side)
+
+        # a crop side is at most the image's short side; halving needs it at 2x the output
+        image, scale = decode_reduced(data, need, 2 * self.size)
+        if "box" not in chosen:  # a non-JPEG: crop parameters on the decoded image
+            return self.apply(image)
+        top, left, h, w = chosen["box"]
+        if scale != 1.0:
+            ih, iw = image.shape[1:]
+            top, left = min(round(top * scale), ih - 1), min(round(left * scale), iw - 1)
+            h, w = max(1, min(round(h * scale), ih - top)), max(1, min(round(w * scale), iw - left))
+        return self._crop_resize_flip(image, top, left, h, w)
+
+    def apply(self, image) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            image = _chw(_pil_to_hwc(image.convert("RGB")))
+        return self._crop_resize_flip(image, *self.crop_params(*image.shape[1:]))
+
+    __call__ = apply
+
+    def _crop_resize_flip(self, image, top, left, h, w) -> torch.Tensor:
+        # torch's antialiased bilinear on a channels-last uint8 crop: the kernel behind torchvision's
+        # resize (same filter, same output), called directly to save its dispatch (~15% of this step)
+        crop = image[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
+                                              antialias=True, align_corners=False)
+        if self.hflip and torch.rand(1).item() < 0.5:
+            out = out.flip(-1)
+        return _channels_last(out[0])
+
+
+class EvalTransform:
+    """Resize the short side to int(size / crop_pct) (bicubic, antialias), centre-crop size: uint8."""
+
+    def __init__(self, size: int, crop_pct: float, reduce: bool = True):
+        self.size, self.resize_to, self.reduce = size, eval_resize_size(size, crop_pct), reduce
+
+    def load(self, path: str) -> torch.Tensor:
+        with open(path, "rb") as f:
+            return self.load_bytes(f.read())
+
+    def load_bytes(self, data: bytes) -> torch.Tensor:
+        if not self.reduce:
+            return self.apply(decode_full(data))
+
+        def need(w, h):
+            short = min(w, h)
+            return math.ceil(w * self.resize_to / short), math.ceil(h * self.resize_to / short)
+
+        return self.apply(decode_reduced(data, need, 2 * self.resize_to)[0])
+
+    def apply(self, image) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            image = _chw(_pil_to_hwc(image.convert("RGB")))
+        out = F.resize(_channels_last(image), [self.resize_to], InterpolationMode.BICUBIC, antialias=True)
+        return _channels_last(F.center_crop(out, [self.size, self.size]))
+
+    __call__ = apply
+
+
+def collate(batch: list) -> tuple:
+    """[(3xHxW uint8, class)] -> (N x 3 x H x W uint8 with NHWC memory, int64 classes). Inside a loader
+    worker the batch goes straight into shared memory, the one copy on its way to the trainer."""
+    from torch.utils.data import get_worker_info
+    images, targets = zip(*batch)
+    c, h, w = images[0].shape
+    out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    torch.stack([x.permute(1, 2, 0) for x in images], out=out)
+    return out.permute(0, 3, 1, 2), torch.as_tensor(targets, dtype=torch.int64)
+
+
+class FastFolderDataset(FolderDataset):
+    """FolderDataset whose transform decodes too: it reads the file itself, so it can choose the decoder
+    and the reduced size. Same samples, same (image, class) items."""
+
+    collate_fn = staticmethod(collate)
+
+    def __getitem__(self, index: int):
+        path, target = self.split.samples[index]
+        return self.transform.load(path), target

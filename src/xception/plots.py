@@ -1,0 +1,182 @@
+"""Pictures of a run: training curves from metrics.csv, and the confusion matrix of an evaluation.
+
+matplotlib is imported inside the functions, on its file-only Agg backend (no display needed).
+`xception plot OUTPUT_DIR` redraws curves.png from a run's metrics.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from .config import UserError
+
+CURVES_NAME = "curves.png"
+FULL_MATRIX_MAX_CLASSES = 30  # up to this many classes the matrix is drawn with names and counts
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(path: str) -> dict:
+    """metrics.csv -> {column: [float or None, ...]}, rows sorted by epoch (a resumed run may repeat one:
+    the last row of an epoch wins)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; give the --output-dir of a training run (it holds metrics.csv)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_epoch = {}
+    for row in rows:
+        try:
+            by_epoch[int(float(row["epoch"]))] = row
+        except (KeyError, TypeError, ValueError):
+            continue
+    if not by_epoch:
+        raise UserError(f"{path}: holds no epoch rows yet; plot after the first epoch has finished")
+    ordered = [by_epoch[e] for e in sorted(by_epoch)]
+
+    def num(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None
+    return {key: [num(r.get(key)) for r in ordered] for key in ordered[0]}
+
+
+def write_curves(output_dir: str, out: str | None = None) -> str:
+    """Draw loss, top-1/top-5, learning rate and img/s against epoch into OUTPUT_DIR/curves.png."""
+    m = read_metrics(os.path.join(output_dir, "metrics.csv"))
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = m["epoch"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [
+        (axes[0, 0], "loss", [("train_loss", "train"), ("val_loss", "val")]),
+        (axes[0, 1], "val accuracy (%)", [("top1", "top-1"), ("top5", "top-5")]),
+        (axes[1, 0], "learning rate (end of epoch)", [("lr", "lr")]),
+        (axes[1, 1], "training throughput (img/s)", [("images_per_sec", "img/s")]),
+    ]
+    for ax, title, series in panels:
+        for key, label in series:
+            values = m.get(key)
+            if values is None:
+                continue
+            pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    best = max((v, e) for e, v in zip(epochs, m.get("top1", [])) if v is not None) if m.get("top1") else None
+    fig.suptitle(f"{os.path.abspath(output_dir)}: {len(epochs)} epoch(s)"
+                 + (f", best top-1 {best[0]:.2f}% at epoch {best[1]:.0f}" if best else ""))
+    fig.tight_layout()
+    out = out or os.path.join(output_dir, CURVES_NAME)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def curves_at_end(output_dir: str, log=print) -> str | None:
+    """After training: write curves.png, or say in one line why not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    try:
+        path = write_curves(output_dir)
+    except (UserError, OSError, ValueError) as e:
+        log(f"curves.png skipped: {e}")
+        return None
+    log(f"training curves: {path}")
+    return path
+
+
+def most_confused(confusion, class_names, n: int = 20) -> list:
+    """[(count, true name, predicted name)] of the largest off-diagonal cells, largest first."""
+    import numpy as np
+
+    c = np.array(confusion, dtype=np.int64, copy=True)
+    np.fill_diagonal(c, 0)
+    flat = np.argsort(c, axis=None)[::-1][:n]
+    out = []
+    for index in flat:
+        t, p = divmod(int(index), c.shape[1])
+        if c[t, p] == 0:
+            break
+        out.append((int(c[t, p]), class_names[t], class_names[p]))
+    return out
+
+
+def write_confusion(confusion, class_names, out: str, title: str = "") -> str:
+    """Full matrix (row-normalised colours, counts written in) for a few classes; for many classes the
+    matrix as an image without labels beside a bar chart of the most confused pairs."""
+    import numpy as np
+
+    plt = _pyplot()
+    c = np.asarray(confusion, dtype=np.float64)
+    k = len(class_names)
+    rows = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    if k <= FULL_MATRIX_MAX_CLASSES:
+        size = max(5.0, 0.45 * k + 2.5)
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(k), [str(n) for n in class_names], rotation=90 if k > 12 else 0)
+        ax.set_yticks(range(k), [str(n) for n in class_names])
+        for t in range(k):
+            for p in range(k):
+                if c[t, p]:
+                    ax.text(p, t, f"{int(c[t, p])}", ha="center", va="center", fontsize=8,
+                            color="white" if rows[t, p] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    else:
+        pairs = most_confused(c, class_names, 25)
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(16, 7.5), gridspec_kw={"width_ratios": [1, 1.2]})
+        ax.imshow(np.sqrt(rows), cmap="viridis", interpolation="nearest")
+        ax.set_title(f"confusion, {k} classes (sqrt of row fraction)")
+        ax.set_xlabel("predicted class index")
+        ax.set_ylabel("true class index")
+        if pairs:
+            labels = [f"{_short(t)} -> {_short(p)}" for _, t, p in pairs][::-1]
+            bx.barh(range(len(pairs)), [n for n, _, _ in pairs][::-1], color="tab:red")
+            bx.set_yticks(range(len(pairs)), labels, fontsize=8)
+        bx.set_title("most confused pairs (true -> predicted), images")
+    acc = np.trace(c) / max(c.sum(), 1) * 100
+    fig.suptitle((title + ": " if title else "") + f"top-1 {acc:.2f}% over {int(c.sum())} images")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _short(name, width: int = 28) -> str:
+    name = str(name)
+    return name if len(name) <= width else name[:width - 1] + "~"
+
+
+# `xception plot`
+def add_arguments(p) -> None:
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output-dir (holds metrics.csv)")
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write the PNG (default OUTPUT_DIR/curves.png)")
+
+
+def run(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("xception plot needs matplotlib (pip install matplotlib)")
+    print(f"wrote {write_curves(args.output_dir, args.out)}")
+    return 0

@@ -1,0 +1,187 @@
+"""Fine-tune, predict, export and plot through the command line, as a user would, on CPU at 71 px."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder, one_line_error, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+TINY = ["--image-size", "71", "--batch-size", "4", "--workers", "0", "--seed", "3", "--lr", "0.05",
+        "--print-freq", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch run on 3 classes: its data folder and output folder."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = make_image_folder(root / "data")
+    out = root / "run"
+    proc = run_cli("train", "--data_path", data, "--epochs", 2, "--output-dir", out, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    return data, out, proc
+
+
+def png_size(path):
+    with Image.open(path) as img:
+        return img.size, len(set(img.convert("L").getdata()))
+
+
+def test_training_writes_curves_and_plot_redraws_them(trained, tmp_path):
+    _, out, proc = trained
+    assert "training curves:" in proc.stdout
+    (w, h), levels = png_size(out / "curves.png")
+    assert w >= 600 and h >= 400 and levels > 20  # a real drawing, not a blank canvas
+    redo = run_cli("plot", out, "--out", tmp_path / "again.png")
+    assert redo.returncode == 0, redo.stderr
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    assert "metrics.csv" in one_line_error(run_cli("plot", tmp_path))
+
+
+def test_finetune_on_other_classes_with_frozen_backbone_and_tensorboard(trained, tmp_path):
+    _, out, _ = trained
+    data2 = make_image_folder(tmp_path / "data2", classes=("left", "right"), seed=5)
+    ft = tmp_path / "ft"
+    proc = run_cli("train", "--data_path", data2, "--epochs", 1, "--freeze-epochs", 1, "--tensorboard",
+                   "--pretrained", out / "checkpoint.pth.tar", "--output-dir", ft, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded all but the classifier" in proc.stdout and "2-class classifier" in proc.stdout
+    assert "training only the classifier" in proc.stdout
+    before = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    after = torch.load(ft / "checkpoint.pth.tar", weights_only=True)
+    assert after["class_names"] == ["left", "right"]
+    assert after["model"]["fc.weight"].shape == (2, 2048)
+    backbone = [k for k in before["model"] if not k.startswith("fc.")]
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in backbone)  # frozen, BN stats too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(ft / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/top1", "epoch/val_loss"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # 8 images, batch 4, --print-freq 1
+    assert (ft / "curves.png").exists()
+
+
+def test_predict_prints_class_names_and_skips_bad_files(trained, tmp_path):
+    data, out, _ = trained
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.open(os.path.join(data, "val", "dog", "1.png")).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    proc = run_cli("predict", folder, tmp_path / "missing.png", "--weights", out / "checkpoint.pth.tar",
+                   "--topk", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [os.path.basename(p["path"]) for p in result["predictions"]] == ["a.png", "b.jpg"]
+    top = result["predictions"][0]["top"]
+    assert len(top) == 2 and {t["class"] for t in top} <= {"cat", "dog", "fox"}
+    assert top[0]["probability"] >= top[1]["probability"] > 0
+    assert result["image_size"] == 71  # the checkpoint's training size, not the default 299
+    bad = {os.path.basename(e["path"]) for e in result["errors"]}
+    assert bad == {"broken.jpg", "missing.png"}
+    assert "skipped" in proc.stderr and "broken.jpg" in proc.stderr
+    text = run_cli("predict", folder / "a.png", "--weights", out / "checkpoint.pth.tar")
+    assert text.returncode == 0 and text.stdout.startswith(str(folder / "a.png") + ": ")
+    assert "unknown weights format" in one_line_error(run_cli("predict", folder / "a.png", "--weights",
+                                                               folder / "broken.jpg"))
+
+
+def test_predict_with_timm_weights_gives_timms_top5(tmp_path):
+    timm = pytest.importorskip("timm")
+    from xception.data import eval_transform, load_rgb
+
+    torch.manual_seed(1)
+    ref = timm.create_model("legacy_xception", pretrained=False).eval()
+    with torch.no_grad():
+        ref.fc.weight.mul_(50)
+    torch.save(ref.state_dict(), tmp_path / "legacy_xception.pth")
+    img = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(img)
+    proc = run_cli("predict", img, "--weights", tmp_path / "legacy_xception.pth", "--image-size", 71, "--json")
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads(proc.stdout)["predictions"][0]["top"]
+    x = eval_transform(71, 0.8975)(load_rgb(str(img))).float()[None] / 127.5 - 1
+    with torch.no_grad():
+        probs = ref(x).softmax(1)[0]
+    top5 = probs.topk(5)
+    assert [t["index"] for t in ours] == top5.indices.tolist()
+    assert np.allclose([t["probability"] for t in ours], top5.values.tolist(), atol=1e-5)
+    names = [line for line in open(os.path.join(os.path.dirname(__import__("xception").__file__),
+                                                "imagenet_classes.txt")).read().splitlines() if line]
+    assert [t["class"] for t in ours] == [names[i] for i in top5.indices.tolist()]  # ImageNet names
+
+
+def test_export_onnx_verifies_and_evaluates_like_pytorch(trained, tmp_path):
+    data, out, _ = trained
+    ckpt = out / "checkpoint.pth.tar"
+    onnx_path = tmp_path / "xception.onnx"
+    proc = run_cli("export", "--weights", ckpt, "--format", "onnx", "--out", onnx_path, "--dynamic-batch")
+    assert proc.returncode == 0, proc.stderr
+    assert "max |difference|" in proc.stdout and onnx_path.stat().st_size > 1_000_000
+    ev = {}
+    for name, weights in (("torch", ckpt), ("onnx", onnx_path)):
+        r = run_cli("eval", "--data_path", data, "--weights", weights, "--output-dir", tmp_path / name,
+                    "--image-size", 71, "--crop-pct", 0.8975, "--batch-size", 4, "--workers", 0,
+                    *(["--report"] if name == "onnx" else []))
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stdout.splitlines() if x.startswith("eval ") and " on 9 images" in x)
+        ev[name] = line.split(" on ", 1)[1]
+    assert ev["onnx"] == ev["torch"]  # same loss, top-1, top-5 to the printed digits
+    rows = list(csv.DictReader(open(tmp_path / "onnx" / "per_class.csv")))
+    assert [r["class"] for r in rows] == ["cat", "dog", "fox"] and sum(int(r["images"]) for r in rows) == 9
+    assert png_size(tmp_path / "onnx" / "confusion.png")[1] > 10
+    pred = run_cli("predict", os.path.join(data, "val"), "--weights", onnx_path, "--json")
+    ref = run_cli("predict", os.path.join(data, "val"), "--weights", ckpt, "--json")
+    assert pred.returncode == 0 and ref.returncode == 0, pred.stderr + ref.stderr
+    a, b = json.loads(pred.stdout)["predictions"], json.loads(ref.stdout)["predictions"]
+    assert [p["top"][0]["class"] for p in a] == [p["top"][0]["class"] for p in b]
+
+
+def test_export_torchscript_and_a_failed_verification(trained, tmp_path, monkeypatch):
+    _, out, _ = trained
+    from xception import export
+    from xception.config import UserError
+
+    path = tmp_path / "xception.pt"
+    err = export.export(str(out / "checkpoint.pth.tar"), "torchscript", str(path), log=lambda *a: None)
+    assert err < 1e-4 and path.exists()
+    module, meta = export.load_torchscript(str(path))
+    assert meta["class_names"] == ["cat", "dog", "fox"] and meta["image_size"] == 71
+    assert module(torch.zeros(3, 3, 71, 71)).shape == (3, 3)
+    monkeypatch.setattr(export, "ATOL", -1.0)  # no graph can pass: the export must refuse to write
+    bad = tmp_path / "bad.onnx"
+    with pytest.raises(UserError, match="FAILED verification") as info:
+        export.export(str(out / "checkpoint.pth.tar"), "onnx", str(bad), log=lambda *a: None)
+    assert info.value.exit_code == 1 and not bad.exists() and os.listdir(tmp_path) == ["xception.pt"]
+
+
+def test_confusion_summary_for_many_classes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from xception.plots import most_confused, write_confusion
+
+    k = 1000
+    matrix = np.diag(np.full(k, 5))
+    matrix[3, 7], matrix[10, 2] = 4, 2
+    names = [f"class{i}" for i in range(k)]
+    assert most_confused(matrix, names, 2) == [(4, "class3", "class7"), (2, "class10", "class2")]
+    path = write_confusion(matrix, names, str(tmp_path / "c.png"), "imagenet")
+    assert png_size(path)[0][0] >= 1000
+
+
+def test_bad_pretrained_and_export_inputs_give_one_line(tiny_data, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    line = one_line_error(run_cli("train", "--data_path", tiny_data, "--pretrained", notes, "--output-dir",
+                                  tmp_path / "o", *TINY))
+    assert "--pretrained" in line and "unknown weights format" in line
+    line = one_line_error(run_cli("export", "--weights", tmp_path / "none.pth", "--format", "onnx",
+                                  "--out", tmp_path / "x.onnx"))
+    assert "no such file" in line and not (tmp_path / "x.onnx").exists()

@@ -1,0 +1,320 @@
+"""The uint8 input pipeline (decode.py): same augmentation as the reference transforms, same pixels as the
+plain PIL path within interpolation tolerance, channels-last uint8 batches; and `bench --mode data`."""
+
+import argparse
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from xception import decode
+from xception.config import Config
+from xception.data import eval_transform, load_rgb, to_device, train_transform
+
+
+def smooth_image(w, h, seed=0):
+    """A photo-like image: smooth colour fields (so resampling filters agree to within a level or two)."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    return low.resize((w, h), Image.BICUBIC)
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def as_hwc(x):
+    return x.permute(1, 2, 0).numpy().astype(np.int16)
+
+
+def test_crop_parameters_have_the_reference_distribution():
+    """Independent draws of ours and of torchvision v2 RandomResizedCrop: area share and log aspect
+    quantiles agree, and every crop fits the image."""
+    h, w, n = 375, 500, 4000
+    ours = decode.TrainTransform(299, scale=(0.08, 1.0))
+    ref = v2.RandomResizedCrop(299, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    image = torch.empty(1, 1, 1).expand(3, h, w)
+    torch.manual_seed(1)
+    mine = [ours.crop_params(h, w) for _ in range(n)]
+    torch.manual_seed(2)
+    drawn = [ref.make_params([image]) for _ in range(n)]
+    theirs = [(d["top"], d["left"], d["height"], d["width"]) for d in drawn]
+    for top, left, ch, cw in mine:
+        assert 0 <= top and 0 <= left and top + ch <= h and left + cw <= w
+    for stat in (lambda p: p[2] * p[3] / (h * w), lambda p: math.log(p[3] / p[2]),
+                 lambda p: (p[0] + p[2] / 2) / h, lambda p: (p[1] + p[3] / 2) / w):
+        a, b = np.array([stat(p) for p in mine]), np.array([stat(p) for p in theirs])
+        qa, qb = np.quantile(a, [0.1, 0.25, 0.5, 0.75, 0.9]), np.quantile(b, [0.1, 0.25, 0.5, 0.75, 0.9])
+        assert np.abs(qa - qb).max() < 0.04 * (b.max() - b.min()), (qa, qb)
+    area = np.array([p[2] * p[3] / (h * w) for p in mine])
+    assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+
+
+def test_train_path_matches_the_reference_transform_with_the_same_seed(tmp_path):
+    """Same torch seed: the reference (PIL image -> v2 RandomResizedCrop + flip) and ours (decode_jpeg ->
+    uint8 channels-last crop/resize/flip) pick the same crops and flips, so only the interpolation
+    implementations differ."""
+    path = save(smooth_image(500, 375), tmp_path / "a.png")
+    cfg = Config(image_size=97, crop_scale=(0.08, 1.0))
+    ref, ours = train_transform(cfg), decode.TrainTransform(97, cfg.crop_scale)
+    flips = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = as_hwc(ref(load_rgb(path)))
+        torch.manual_seed(seed)
+        got = ours.load(path)
+        assert got.shape == (3, 97, 97) and got.dtype == torch.uint8
+        diff = np.abs(as_hwc(got) - expected)
+        assert diff.mean() < 1.0 and diff.max() <= 12, (seed, diff.mean(), diff.max())
+        flipped = np.abs(as_hwc(got.flip(-1)) - expected).mean()
+        flips += flipped < diff.mean()
+    assert flips == 0  # a flip mismatch would show as a much larger difference than the unflipped one
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500)])
+def test_eval_path_matches_the_plain_pil_path(tmp_path, size):
+    """Without a reduced decode (the resize target is over half the short side) the pixels are the PIL
+    path's: the same libjpeg-turbo decode, the same antialiased bicubic filter."""
+    path = save(smooth_image(*size), tmp_path / "a.jpg", quality=90)
+    expected = as_hwc(eval_transform(299, 0.8975)(load_rgb(path)))
+    got = decode.EvalTransform(299, 0.8975).load(path)
+    assert got.shape == (3, 299, 299)
+    diff = np.abs(as_hwc(got) - expected)
+    assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())
+
+
+def test_large_jpeg_decodes_reduced_and_still_matches(tmp_path, monkeypatch):
+    """A 1600x1200 JPEG evaluated at 113 px: Pillow's draft decodes it at 1/4 or 1/8 scale, and the
+    result still matches the full-size PIL path within interpolation tolerance."""
+    path = save(smooth_image(1600, 1200), tmp_path / "big.jpg", quality=92)
+    drafts = []
+    from PIL.JpegImagePlugin import JpegImageFile
+    real = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, *a: drafts.append(a) or real(self, *a))
+    got = decode.EvalTransform(113, 0.875).load(path)
+    assert drafts, "the reduced-size decoder was not used"
+    expected = as_hwc(eval_transform(113, 0.875)(load_rgb(path)))
+    diff = np.abs(as_hwc(got) - expected)
+    # libjpeg's DCT-domain downscale is a different (box-like) filter than bicubic: a level or two off
+    assert diff.mean() < 2.5 and diff.max() <= 16, (diff.mean(), diff.max())
+    data = open(path, "rb").read()
+    image, scale = decode.decode_reduced(data, lambda w, h: (w // 4, h // 4), 2)
+    assert scale == 0.25 and tuple(image.shape) == (3, 300, 400)
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_exif_orientation_is_honoured(tmp_path, reduced):
+    img = smooth_image(800, 600)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = open(save(img, tmp_path / "r.jpg", exif=exif, quality=95), "rb").read()
+    if reduced:
+        out, scale = decode.decode_reduced(data, lambda w, h: (w // 2, h // 2), 2)
+        assert scale == 0.5 and tuple(out.shape) == (3, 400, 300)
+    else:
+        out = decode.decode_full(data)
+        assert tuple(out.shape) == (3, 800, 600)
+        ref = np.asarray(load_rgb(io.BytesIO(data))).astype(np.int16)
+        assert np.abs(as_hwc(out) - ref).mean() < 0.5
+
+
+@pytest.mark.parametrize("mode,ext", [("CMYK", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("P", "gif"),
+                                      ("RGB", "webp")])
+def test_other_modes_and_formats_become_the_same_rgb_as_pil(tmp_path, mode, ext):
+    img = smooth_image(60, 40).convert(mode)
+    path = save(img, tmp_path / f"x.{ext}")
+    out = decode.decode_full(open(path, "rb").read())
+    ref = np.asarray(load_rgb(path)).astype(np.int16)
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 40, 60)
+    assert np.abs(as_hwc(out) - ref).max() <= 1
+
+
+def test_jpeg_size_reads_the_frame_header(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    data = open(save(smooth_image(123, 45), tmp_path / "s.jpg", exif=exif, progressive=True), "rb").read()
+    assert decode.jpeg_size(data) == (123, 45)
+    assert decode.jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_batches_are_uint8_channels_last_and_normalise_on_the_device(tmp_path):
+    imgs = [decode.TrainTransform(71).apply(smooth_image(90, 80, seed=s)) for s in range(3)]
+    images, targets = decode.collate([(x, i) for i, x in enumerate(imgs)])
+    assert images.shape == (3, 3, 71, 71) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert targets.tolist() == [0, 1, 2]
+    out = to_device(images, torch.device("cpu"), channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack(imgs).float() / 127.5 - 1
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_fast_dataset_in_a_loader_worker(tmp_path):
+    """The worker path: shared-memory NHWC batches arrive intact in the main process."""
+    from conftest import make_image_folder
+    from torch.utils.data import DataLoader
+    from xception.data import scan_split
+    root = make_image_folder(tmp_path / "d", n_train=2, n_val=1)
+    ds = decode.FastFolderDataset(scan_split(f"{root}/val"), decode.EvalTransform(71, 0.875))
+    batches = list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=ds.collate_fn))
+    assert [b[0].shape[0] for b in batches] == [2, 1]
+    ref = [eval_transform(71, 0.875)(load_rgb(p)) for p, _ in ds.split.samples]
+    got = torch.cat([b[0] for b in batches])
+    assert (got.int() - torch.stack(ref).int()).abs().float().mean() < 1.0
+    assert torch.cat([b[1] for b in batches]).tolist() == [c for _, c in ds.split.samples]
+
+
+def test_data_bench_prints_one_json_object(tmp_path, capsys):
+    from xception.databench import run_data_bench
+    args = argparse.Namespace(mode="data", data_path=None, synthetic=8, workers=0, image_size=71,
+                              batch_size=2, json=True, repeats=1)
+    assert run_data_bench(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("ours_img_s", "baseline_img_s", "ratio", "per_worker_img_s", "workers", "image_size", "mode"):
+        assert key in result
+    assert result["mode"] == "data" and result["image_size"] == 71 and result["files"] == 8
+    assert result["ours_img_s"] > 0 and result["baseline_img_s"] > 0 and result["ratio"] > 0
+
+
+class _Recorder:
+    """Stands in for nvidia.dali: every operator call is recorded with its arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def op(self, name):
+        recorder = self
+
+        class Node:
+            def __init__(self, label):
+                self.label = label
+
+            def gpu(self):
+                recorder.calls.append(("gpu", self.label, {}))
+                return Node(self.label + ".gpu")
+
+            def __iter__(self):  # readers return (data, labels)
+                return iter((Node(name + ".data"), Node(name + ".labels")))
+
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return Node(name)
+        return call
+
+    def modules(self):
+        import types as pytypes
+        fn = pytypes.SimpleNamespace(
+            readers=pytypes.SimpleNamespace(file=self.op("readers.file")),
+            decoders=pytypes.SimpleNamespace(image=self.op("decoders.image"),
+                                             image_random_crop=self.op("decoders.image_random_crop")),
+            resize=self.op("resize"), crop_mirror_normalize=self.op("crop_mirror_normalize"),
+            random=pytypes.SimpleNamespace(coin_flip=self.op("random.coin_flip")))
+        dtypes = pytypes.SimpleNamespace(RGB="RGB", UINT8="UINT8", INTERP_LINEAR="LINEAR", INTERP_CUBIC="CUBIC")
+        recorder = self
+
+        def pipeline_def(**settings):
+            def wrap(graph_fn):
+                def make():
+                    recorder.calls.append(("pipeline", (), settings))
+                    graph_fn()
+                    return pytypes.SimpleNamespace(build=lambda: recorder.calls.append(("build", (), {})))
+                return make
+            return wrap
+        dali = pytypes.ModuleType("nvidia.dali")
+        dali.fn, dali.types, dali.pipeline_def = fn, dtypes, pipeline_def
+        nvidia = pytypes.ModuleType("nvidia")
+        nvidia.dali = dali
+        return {"nvidia": nvidia, "nvidia.dali": dali, "nvidia.dali.fn": fn, "nvidia.dali.types": dtypes}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dali_pipeline_is_built_with_our_transforms_and_rank_sharding(monkeypatch, train):
+    import sys
+    from xception import dali
+    from xception.data import Split
+    rec = _Recorder()
+    for name, module in rec.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    split = Split("root", ["a", "b"], [("x/0.jpg", 0), ("x/1.jpg", 1), ("x/2.jpg", 1)])
+    cfg = Config(image_size=299, crop_scale=(0.2, 0.9), crop_pct=0.875, seed=7)
+    dali.build_pipeline(split, cfg, train, batch=16, rank=1, world=4, device_id=1, threads=3)
+    ops = {name: kw for name, _, kw in rec.calls}
+    assert ops["pipeline"]["batch_size"] == 16 and ops["pipeline"]["device_id"] == 1
+    assert ops["pipeline"]["num_threads"] == 3 and "build" in ops
+    reader = ops["readers.file"]
+    assert reader["files"] == ["x/0.jpg", "x/1.jpg", "x/2.jpg"] and reader["labels"] == [0, 1, 1]
+    assert reader["shard_id"] == 1 and reader["num_shards"] == 4 and reader["name"] == dali.READER
+    if train:
+        assert reader["shuffle_after_epoch"] and reader["shuffle_after_epoch_seed"] == 7
+        crop = ops["decoders.image_random_crop"]
+        assert crop["device"] == "mixed" and crop["output_type"] == "RGB"
+        assert crop["random_area"] == [0.2, 0.9] and crop["random_aspect_ratio"] == [3 / 4, 4 / 3]
+        assert ops["resize"] == dict(resize_x=299, resize_y=299, interp_type="LINEAR", antialias=True)
+        assert ops["random.coin_flip"] == {"probability": 0.5}
+        assert ops["crop_mirror_normalize"]["dtype"] == "UINT8" and "mirror" in ops["crop_mirror_normalize"]
+    else:
+        assert reader["pad_last_batch"] and reader["stick_to_shard"] and "shuffle_after_epoch" not in reader
+        assert ops["decoders.image"]["device"] == "mixed"
+        assert ops["resize"] == dict(resize_shorter=341, interp_type="CUBIC", antialias=True)  # 299 / 0.875
+        assert ops["crop_mirror_normalize"]["crop"] == (299, 299)
+    assert ("gpu", "readers.file.labels", {}) in rec.calls
+
+
+def test_dali_loader_refuses_a_cpu_run():
+    from xception.dali import make_dali_loaders
+    from xception.config import UserError
+    from xception.distributed import DistContext
+    with pytest.raises(UserError, match="CUDA"):
+        make_dali_loaders(Config(data_path="x"), DistContext(torch.device("cpu")), True)
+
+
+def test_dali_graph_runs_on_the_cpu_when_dali_is_installed(tmp_path):
+    """The real library (where installed) runs the same graph with CPU decoding: valid operator
+    arguments, per-rank shards, and eval pixels close to the PIL path."""
+    pytest.importorskip("nvidia.dali")
+    from xception import dali
+    from xception.data import scan_split
+    for k in range(3):
+        folder = tmp_path / "val" / f"c{k}"
+        folder.mkdir(parents=True)
+        save(smooth_image(500 - 60 * k, 375 + 40 * k, seed=k), folder / "0.jpg", quality=90)
+    split = scan_split(str(tmp_path / "val"))
+    cfg = Config(image_size=113, crop_pct=0.875, seed=3)
+    labels = []
+    for rank in (0, 1):
+        out = dali.build_pipeline(split, cfg, False, 2, rank, 2, None, 1, device="cpu").run()
+        images, got = np.array(out[0].as_tensor()), np.array(out[1].as_tensor()).ravel().tolist()
+        shard = (3 * (rank + 1)) // 2 - (3 * rank) // 2  # DALI's contiguous shard of the 3 files
+        labels += got[:shard]  # the rest of the batch is padding
+        ref = as_hwc(eval_transform(113, 0.875)(load_rgb(split.samples[got[0]][0])))
+        assert images.shape[1:] == (113, 113, 3)
+        assert np.abs(images[0].astype(np.int16) - ref).mean() < 2.5
+    assert sorted(labels) == [0, 1, 2]
+    train = dali.build_pipeline(split, cfg, True, 2, 0, 1, None, 1, device="cpu").run()
+    assert np.array(train[0].as_tensor()).shape == (2, 113, 113, 3)
+
+
+def test_loader_choice_and_device_prefetch_wrapping(tmp_path):
+    from conftest import make_image_folder
+    from xception import inputs, prefetch
+    from xception.cli import build_parser, config_from_args
+    from xception.data import FolderDataset, scan_split
+    root = make_image_folder(tmp_path / "d", n_train=1, n_val=1)
+    split = scan_split(f"{root}/val")
+    args = build_parser().parse_args(["train", "--data_path", root, "--loader", "pil"])
+    assert config_from_args(args).loader == "pil"
+    assert type(inputs.folder_dataset(split, Config(loader="pil"), train=True)) is FolderDataset
+    fast = inputs.folder_dataset(split, Config(loader="auto"), train=False)
+    assert isinstance(fast, decode.FastFolderDataset) and isinstance(fast.transform, decode.EvalTransform)
+    assert inputs.streamed_loaders(Config(data_path=root), None, True) is None  # a plain image folder
+    loader = [1, 2, 3]
+    assert prefetch.for_device(loader, torch.device("cpu")) is loader  # nothing to overlap on the CPU
+    wrapped = prefetch.CudaPrefetcher(type("L", (), {"sampler": "s", "batch_size": 4, "__len__": lambda s: 7})(),
+                                      torch.device("cuda", 0))
+    assert len(wrapped) == 7 and wrapped.sampler == "s" and wrapped.batch_size == 4
