@@ -18,10 +18,114 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="--mode data: generate N ImageNet-like 500x375 JPEGs instead of --data_path")
     p.add_argument("-j", "--workers", type=int, default=1, help="--mode data: loader workers")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, npu or mps (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="float32, or autocast to float16/bfloat16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="our model in NHWC (default on)")
+    p.add_argument("--timm-channels-last", action="store_true", help="timm's model in NHWC too (its best CPU layout)")
+    p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="--mode infer: fold BatchNorm into the convolutions for our model (default on)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "data":
         from .databench import run_data_bench
         return run_data_bench(args)
-    raise NotImplementedError  # filled in by the compute benchmark
+    from .config import UserError
+    for flag, value in (("--image-size", args.image_size - 70), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats), ("--steps", args.steps)):
+        if value < 1:
+            raise UserError(f"{flag} is too small (image size at least 71, the others at least 1)")
+    return run_compute_bench(args)
+
+
+def _time_model(model, args, device, channels_last: bool, train: bool) -> dict:
+    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps."""
+    import statistics
+    import time
+
+    import torch
+
+    from .distributed import synchronize
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if not train:
+                with torch.inference_mode():
+                    return model(x)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train(train)
+    for _ in range(args.warmup):
+        step()
+    rates = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def run_compute_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .distributed import resolve_device
+    from .fuse import fold_batchnorm
+    from .model import Xception
+
+    device = resolve_device(args.device)
+    train = args.mode == "train"
+    torch.manual_seed(0)
+    ours = Xception(num_classes=1000)
+    if not train and args.fold_bn:
+        ours = fold_batchnorm(ours.eval())
+    result = {"mode": args.mode, "image_size": args.image_size, "batch_size": args.batch_size,
+              "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
+              "threads": torch.get_num_threads(),
+              "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
+                                "optimizer": "SGD momentum foreach" if train else None}}
+    stats = _time_model(ours, args, device, args.channels_last, train)
+    result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
+    del ours
+    try:
+        import timm
+    except ImportError:
+        timm = None
+        result["timm_skipped"] = "timm is not installed (pip install 'xception[bench]')"
+    if timm is not None:
+        theirs = timm.create_model("legacy_xception", pretrained=False)
+        t = _time_model(theirs, args, device, args.timm_channels_last, train)
+        result.update(timm_img_s=t["median"], timm_min=t["min"], timm_max=t["max"],
+                      ratio=result["ours_img_s"] / t["median"],
+                      timm_settings={"model": "legacy_xception", "channels_last": args.timm_channels_last,
+                                     "optimizer": "SGD momentum foreach" if train else None})
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.mode} {args.image_size}px batch {args.batch_size} {args.dtype} on {device}, "
+          f"{result['threads']} threads, torch {torch.__version__}")
+    print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f})")
+    if "timm_img_s" in result:
+        print(f"  timm : {result['timm_img_s']:8.2f} img/s (min {result['timm_min']:.2f}, max {result['timm_max']:.2f})")
+        print(f"  ratio: {result['ratio']:.3f}")
+    else:
+        print(f"  timm : skipped, {result['timm_skipped']}")
+    return 0
