@@ -120,7 +120,15 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
 
 
-class TrainTransform:
+class _BytesTransform:
+    """A transform that decodes the file's bytes itself (so that it can decode at a reduced size)."""
+
+    def load(self, path: str) -> torch.Tensor:
+        with open(path, "rb") as f:
+            return self.load_bytes(f.read())
+
+
+class TrainTransform(_BytesTransform):
     """RandomResizedCrop(size, scale, 3/4..4/3, bilinear, antialias) + p=0.5 horizontal flip, on uint8.
     Callable on a path or on a decoded PIL image (the reference's input)."""
 
@@ -131,10 +139,6 @@ class TrainTransform:
         """(top, left, h, w): torchvision's own RandomResizedCrop sampler, on torch's random stream."""
         return v1.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
                                                list(self.scale), list(RATIO))
-
-    def load(self, path: str) -> torch.Tensor:
-        with open(path, "rb") as f:
-            return self.load_bytes(f.read())
 
     def load_bytes(self, data: bytes) -> torch.Tensor:
         if not self.reduce:
@@ -175,15 +179,11 @@ class TrainTransform:
         return _channels_last(out[0])
 
 
-class EvalTransform:
+class EvalTransform(_BytesTransform):
     """Resize the short side to int(size / crop_pct) (bicubic, antialias), centre-crop size: uint8."""
 
     def __init__(self, size: int, crop_pct: float, reduce: bool = True):
         self.size, self.resize_to, self.reduce = size, eval_resize_size(size, crop_pct), reduce
-
-    def load(self, path: str) -> torch.Tensor:
-        with open(path, "rb") as f:
-            return self.load_bytes(f.read())
 
     def load_bytes(self, data: bytes) -> torch.Tensor:
         if not self.reduce:
