@@ -26,7 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timm-channels-last", action="store_true", help="timm's model in NHWC too (its best CPU layout)")
     p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="--mode infer: fold BatchNorm into the convolutions for our model (default on)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile our model (default off); compile time is reported on its own")
+    p.add_argument("--timm-compile", action="store_true", help="torch.compile timm's model too")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="the device's fp32 peak, for the fraction-of-peak figure (default: estimated on an x86 "
+                        "Linux CPU as threads x clock x FLOP/cycle; none elsewhere)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (the first compiles)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
 
 
@@ -42,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     return run_compute_bench(args)
 
 
-def _time_model(model, args, device, channels_last: bool, train: bool) -> dict:
-    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps."""
+def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False) -> dict:
+    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps.
+    With `compile`, the first step compiles; its time less one ordinary step is `compile_seconds`."""
     import statistics
     import time
 
@@ -69,8 +76,15 @@ def _time_model(model, args, device, channels_last: bool, train: bool) -> dict:
         opt.step()
 
     model.train(train)
-    for _ in range(args.warmup):
+    if compile:
+        model = torch.compile(model)
+    clock = []
+    for _ in range(max(args.warmup, 2 if compile else 0)):
+        synchronize(device)
+        t0 = time.perf_counter()
         step()
+        synchronize(device)
+        clock.append(time.perf_counter() - t0)
     rates = []
     for _ in range(args.repeats):
         synchronize(device)
@@ -79,7 +93,38 @@ def _time_model(model, args, device, channels_last: bool, train: bool) -> dict:
             step()
         synchronize(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    out = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    if compile:
+        out["compile_seconds"] = clock[0] - args.batch_size / out["median"]
+    return out
+
+
+def cpu_peak_gflops(threads: int):
+    """fp32 peak of `threads` x86 cores from /proc/cpuinfo: clock x FMA width (AVX-512 64 FLOP/cycle, AVX2+FMA
+    32, else 16). An estimate (turbo clocks, one FMA port on some parts); None where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    if not mhz or not flags:
+        return None
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= set(flags) else 16
+    return threads * mhz[0] / 1000 * per_cycle
+
+
+def forward_gflop(image_size: int) -> float:
+    """GFLOP (2 per multiply-add) of one image's forward pass, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model import Xception
+
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        Xception(num_classes=1000)(torch.empty(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
 
 
 def run_compute_bench(args) -> int:
@@ -101,9 +146,18 @@ def run_compute_bench(args) -> int:
               "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
               "threads": torch.get_num_threads(),
               "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
-                                "optimizer": "SGD momentum foreach" if train else None}}
-    stats = _time_model(ours, args, device, args.channels_last, train)
+                                "compile": args.compile, "optimizer": "SGD momentum foreach" if train else None}}
+    stats = _time_model(ours, args, device, args.channels_last, train, args.compile)
     result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
+    # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
+    result["gflop_per_image"] = forward_gflop(args.image_size) * (3 if train else 1)
+    result["ours_gflops"] = result["ours_img_s"] * result["gflop_per_image"]
+    peak = args.peak_gflops or (cpu_peak_gflops(result["threads"]) if device.type == "cpu" else None)
+    if peak:
+        result["peak_gflops"] = peak
+        result["ours_fraction_of_peak"] = result["ours_gflops"] / peak
+    if "compile_seconds" in stats:
+        result["ours_compile_seconds"] = stats["compile_seconds"]
     del ours
     try:
         import timm
@@ -112,20 +166,30 @@ def run_compute_bench(args) -> int:
         result["timm_skipped"] = "timm is not installed (pip install 'xception[bench]')"
     if timm is not None:
         theirs = timm.create_model("legacy_xception", pretrained=False)
-        t = _time_model(theirs, args, device, args.timm_channels_last, train)
+        t = _time_model(theirs, args, device, args.timm_channels_last, train, args.timm_compile)
         result.update(timm_img_s=t["median"], timm_min=t["min"], timm_max=t["max"],
                       ratio=result["ours_img_s"] / t["median"],
                       timm_settings={"model": "legacy_xception", "channels_last": args.timm_channels_last,
+                                     "compile": args.timm_compile,
                                      "optimizer": "SGD momentum foreach" if train else None})
+        result["timm_gflops"] = t["median"] * result["gflop_per_image"]  # the same arithmetic as ours
+        if "compile_seconds" in t:
+            result["timm_compile_seconds"] = t["compile_seconds"]
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{args.mode} {args.image_size}px batch {args.batch_size} {args.dtype} on {device}, "
           f"{result['threads']} threads, torch {torch.__version__}")
-    print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f})")
+    print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f}), "
+          f"{result['ours_gflops']:.1f} GFLOP/s at {result['gflop_per_image']:.2f} GFLOP/image"
+          + (f", {100 * result['ours_fraction_of_peak']:.0f}% of a {result['peak_gflops']:.0f} GFLOP/s peak"
+             if "peak_gflops" in result else ""))
     if "timm_img_s" in result:
         print(f"  timm : {result['timm_img_s']:8.2f} img/s (min {result['timm_min']:.2f}, max {result['timm_max']:.2f})")
         print(f"  ratio: {result['ratio']:.3f}")
+    for side in ("ours", "timm"):
+        if f"{side}_compile_seconds" in result:
+            print(f"  {side} torch.compile: {result[side + '_compile_seconds']:.1f} s, not in img/s")
     else:
         print(f"  timm : skipped, {result['timm_skipped']}")
     return 0

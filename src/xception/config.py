@@ -54,6 +54,7 @@ class Config:
     print_freq: int = 10
     case_name: Optional[str] = None
     channels_last: Optional[bool] = None  # None: the measured default for the device
+    compile: Optional[bool] = None  # torch.compile; None: the measured default for the device
     pretrained: Optional[str] = None
     # faults (datacheck.py, preempt.py)
     skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping

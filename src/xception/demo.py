@@ -14,7 +14,7 @@ from .config import Config, UserError
 # Digits are not ImageNet photos: a mirrored 2 is not a 2, and an 8% crop of an 8x8 scan is noise.
 # So no flips and crops of at least half the image; 71 px is the model's minimum input.
 DEMO_SETTINGS = dict(image_size=71, crop_pct=1.0, crop_scale=(0.5, 1.0), hflip=False, epochs=4, batch_size=32,
-                     lr=0.05, momentum=0.9, weight_decay=5e-5, warmup_epochs=0.5, label_smoothing=0.1,
+                     lr=0.02, momentum=0.9, weight_decay=5e-5, warmup_epochs=1, label_smoothing=0.1,
                      workers=1, seed=0, print_freq=10)
 
 

@@ -66,6 +66,7 @@ class EpochStats:
     images_per_sec: float
     seconds: float
     images: int
+    first_step_seconds: float = 0.0  # includes torch.compile's compilation on the first call
 
 
 def _step(model, images, targets, criterion, optimizer, precision: Precision) -> torch.Tensor:
@@ -97,6 +98,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
     skip = min(start_step + TIMING_WARMUP_ITERS, n - 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = timed = steps = 0
+    first_step = 0.0
     t_epoch = t0 = time.perf_counter()
     batches = loader if guard is None else guard.batches(loader, start_step)
     for i, (images, targets) in enumerate(batches, start_step):
@@ -105,6 +107,9 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
         images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         loss = _step(model, images, targets, criterion, optimizer, precision)
+        if i == start_step:
+            synchronize(device)
+            first_step = time.perf_counter() - t_epoch
         with warnings.catch_warnings():
             # With fp16 a first overflowing step is skipped, which makes torch warn that the
             # scheduler stepped before the optimizer; that is expected here.
@@ -133,7 +138,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, p
     loss_total, seen_total, timed_total = totals.tolist()
     return EpochStats(loss=loss_total / max(steps * ctx.world_size, 1),
                       images_per_sec=timed_total / max(elapsed.item(), 1e-9),
-                      seconds=t_end - t_epoch, images=int(seen_total))
+                      seconds=t_end - t_epoch, images=int(seen_total), first_step_seconds=first_step)
 
 
 @torch.no_grad()

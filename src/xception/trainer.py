@@ -31,6 +31,12 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def default_compile(device: torch.device) -> bool:
+    # Measured on CPU (docs/performance.md): the compiled step is not faster here and its compilation
+    # costs minutes. Not yet measured on a GPU, so nothing is assumed there either: --compile turns it on.
+    return False
+
+
 def build_scheduler(optimizer, cfg: Config, iters_per_epoch: int):
     """Linear warm-up then cosine to zero, stepped every iteration."""
     total = cfg.epochs * iters_per_epoch
@@ -103,6 +109,7 @@ class Run:
         self.val_loader = prefetch.for_device(self.val_loader, self.ctx.device)
         self.channels_last = (default_channels_last(self.ctx.device) if cfg.channels_last is None
                               else cfg.channels_last)
+        self.compile = default_compile(self.ctx.device) if cfg.compile is None else cfg.compile
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Xception(num_classes=len(self.classes), drop_rate=cfg.drop_rate)
         self.precision = make_precision(cfg, self.ctx.device, warn=self.log)
@@ -117,7 +124,9 @@ class Run:
                 model = convert_sync_batchnorm(model, self.ctx.device)
                 self.model = model
             ids = [self.ctx.device.index] if self.ctx.device.type in ("cuda", "npu") else None
-            return DistributedDataParallel(model, device_ids=ids)
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.compile:  # lazy: the first step in each mode compiles (train_one_epoch times it apart)
+            model = torch.compile(model)
         return model
 
     def check_classes(self, state: dict, source: str) -> None:
@@ -195,7 +204,8 @@ def train(cfg: Config) -> dict:
                 raise UserError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; "
                                 f"raise --epochs above {start_epoch} to train further")
         log(f"training on {ctx.world_size} x {ctx.device.type} ({run.precision.name}, "
-            f"{'channels_last' if run.channels_last else 'NCHW'}), {len(run.train_loader.dataset)} train / "
+            f"{'channels_last' if run.channels_last else 'NCHW'}{', compiled' if run.compile else ''}), "
+            f"{len(run.train_loader.dataset)} train / "
             f"{len(run.val_loader.dataset)} val images, {len(run.classes)} classes, "
             f"global batch {cfg.batch_size}, {iters} iterations per epoch")
 
@@ -229,6 +239,9 @@ def train(cfg: Config) -> dict:
                                     ctx, cfg, progress, run.channels_last, start_step=start_step, guard=guard)
             start_step = 0
             progress.close()
+            if run.compile and epoch == start_epoch:
+                log(f"torch.compile: the first step took {stats.first_step_seconds:.1f} s (compilation, not "
+                    f"counted in img/s)")
             if guard.stop == "nonfinite":  # the weights may be damaged: keep the last checkpoint as it is
                 raise preempt.Diverged(guard.diverged_message(epoch, ckpt_path, saved_epoch))
             if guard.stop == "signal":
