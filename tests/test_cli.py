@@ -120,3 +120,22 @@ def test_checkpoint_of_other_classes_is_refused_for_resume_and_eval(tiny_data, t
     line = one_line_error(run_cli("eval", "--data_path", tiny_data, "--resume", out / "checkpoint.pth.tar",
                                   "--image-size", 71, "--batch-size", 4, "--workers", 0))
     assert "--pretrained" in line
+
+
+def test_compiled_eval_keeps_compile_time_apart_and_agrees_with_eager(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("train", "--data_path", tiny_data, "--epochs", 1, "--output-dir", out, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = out / "checkpoint.pth.tar"
+    figures = {}
+    for flag in ("--compile", "--no-compile"):
+        proc = run_cli("eval", "--data_path", tiny_data, "--resume", ckpt, flag, "--output-dir", tmp_path / flag,
+                       "--image-size", "71", "--batch-size", "4", "--workers", "0")
+        assert proc.returncode == 0, proc.stderr
+        line = next(s for s in proc.stdout.splitlines() if s.startswith("eval "))
+        figures[flag] = [float(w) for w in line.split(": ")[1].replace("loss", "").replace("top1", "")
+                         .replace("top5", "").split()]
+        assert ("to compile for eval" in proc.stdout) == (flag == "--compile")
+    # Frozen, fused graph vs eager: the same top-1/top-5 and the loss to float tolerance.
+    assert figures["--compile"][1:] == figures["--no-compile"][1:]
+    assert abs(figures["--compile"][0] - figures["--no-compile"][0]) < 1e-3

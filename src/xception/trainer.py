@@ -32,8 +32,10 @@ def default_channels_last(device: torch.device) -> bool:
 
 
 def default_compile(device: torch.device) -> bool:
-    # Measured on CPU (docs/performance.md): the compiled step is not faster here and its compilation
-    # costs minutes. Not yet measured on a GPU, so nothing is assumed there either: --compile turns it on.
+    # Measured on the 2-core CPU (docs/performance.md): the compiled training step is slower (12.5 vs
+    # 14.1 img/s at 128 px) after a 58 s compile; compiled, frozen inference is 15% faster but takes 13 s
+    # to compile, which pays off only past ~600 images, so eval asks for it with --compile. Not measured
+    # on a GPU yet (benchmarks/gpu.sh does), so nothing is assumed there either.
     return False
 
 
@@ -294,6 +296,21 @@ def train(cfg: Config) -> dict:
         cleanup()
 
 
+@torch.no_grad()
+def compile_warmup(model: nn.Module, run: Run, log) -> None:
+    """Compile on one val-shaped batch before the clock starts, so that img/s never includes it."""
+    from .data import to_device
+    from .distributed import synchronize
+
+    images, _ = next(iter(run.val_loader))
+    model.eval()
+    t0 = time.perf_counter()
+    with run.precision.autocast():
+        model(to_device(images, run.ctx.device, run.channels_last))
+    synchronize(run.ctx.device)
+    log(f"torch.compile: {time.perf_counter() - t0:.1f} s to compile for eval (not counted in img/s)")
+
+
 def evaluate_checkpoint(cfg: Config) -> dict:
     """Evaluate the checkpoint given by --resume on DATA/val; print top-1/top-5 and the result block."""
     if not cfg.resume:
@@ -310,7 +327,14 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         run.check_classes(state, cfg.resume)
         ckpt.load_weights(run.model, ckpt.model_state(state), cfg.resume, allow_new_head=False)
         apply_saved_numerics(run.model, state)
+        if run.compile:
+            # The weights stay fixed in an eval run, so inductor may treat them as constants ("freezing"):
+            # it then folds BatchNorm into the convolutions and fuses the ReLUs (docs/performance.md).
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
         model = run.place_model()
+        if run.compile:
+            compile_warmup(model, run, log)
         progress = report.Progress(ctx.is_main, len(run.val_loader), "eval", cfg.print_freq)
         t0 = time.perf_counter()
         if cfg.eval_report:  # the same figures, plus the confusion matrix
