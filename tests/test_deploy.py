@@ -82,7 +82,8 @@ def test_predict_prints_class_names_and_skips_bad_files(trained, tmp_path):
     assert [os.path.basename(p["path"]) for p in result["predictions"]] == ["a.png", "b.jpg"]
     top = result["predictions"][0]["top"]
     assert len(top) == 2 and {t["class"] for t in top} <= {"cat", "dog", "fox"}
-    assert top[0]["probability"] >= top[1]["probability"] > 0
+    # sorted probabilities (a model trained this briefly can be so sure that the runner-up rounds to 0)
+    assert 1 >= top[0]["probability"] >= top[1]["probability"] >= 0 and top[0]["probability"] > 0
     assert result["image_size"] == 71  # the checkpoint's training size, not the default 299
     bad = {os.path.basename(e["path"]) for e in result["errors"]}
     assert bad == {"broken.jpg", "missing.png"}

