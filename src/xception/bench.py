@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timm-compile", action="store_true", help="torch.compile timm's model too")
     p.add_argument("--optimizer-impl", choices=["foreach", "fused", "for-loop"], default="foreach",
                    help="SGD implementation, the same on both sides (default foreach)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for both models (default: torch's, one per core)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile two of our steps with torch.profiler and print the top ops")
     p.add_argument("--peak-gflops", type=float, default=None,
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return run_data_bench(args)
     from .config import UserError
     for flag, value in (("--image-size", args.image_size - 70), ("--batch-size", args.batch_size),
-                        ("--repeats", args.repeats), ("--steps", args.steps)):
+                        ("--repeats", args.repeats), ("--steps", args.steps),
+                        ("--threads", 1 if args.threads is None else args.threads)):
         if value < 1:
             raise UserError(f"{flag} is too small (image size at least 71, the others at least 1)")
     return run_compute_bench(args)
@@ -156,6 +159,8 @@ def run_compute_bench(args) -> int:
 
     device = resolve_device(args.device)
     train = args.mode == "train"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = Xception(num_classes=1000)
     if not train and args.fold_bn:
