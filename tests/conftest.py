@@ -1,6 +1,7 @@
 """Shared fixtures: tiny image-folder datasets the tests make themselves, and a CLI runner."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -57,3 +58,10 @@ def one_line_error(proc):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def eval_figures(proc):
+    """(count, loss, top1, top5) as printed by `xception eval`, as strings."""
+    m = re.search(r"on (\d+) images: loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return m.groups()

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_image_folder, run_cli, run_script
+from conftest import eval_figures, make_image_folder, run_cli, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +70,6 @@ def test_two_process_sync_bn_training_through_the_cli_follows_one_process(tmp_pa
     for key in a:
         if a[key].is_floating_point() and "running" not in key:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=8e-3, msg=key)
-
-
-def eval_figures(proc):
-    m = re.search(r"on (\d+) images: loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+)", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    return m.groups()
 
 
 def test_two_process_eval_equals_one_process_eval_on_an_odd_val_set(tmp_path):

@@ -274,7 +274,10 @@ def test_a_file_that_breaks_inside_the_loader_is_named_or_skipped(tmp_path, work
 
 
 def _main(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (unknown flag, not a number) exit from parse_args
+        code = e.code
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -292,6 +295,10 @@ def _main(capsys, *argv):
     (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be a positive number"),
     (["--nproc", "2", "--batch-size", "3"], "must divide evenly by the 2 processes"),
     (["--resume", "/no/such/checkpoint.pth.tar"], "no such file"),
+    (["--epochs", "two"], "--epochs"),
+    (["--no-such-flag"], "unrecognized"),
+    (["--device", "tpu"], "--device"),
+    (["--crop-scale", "0.9", "0.1"], "--crop-scale"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tiny_data, tmp_path, capsys, flags, expect):
     code, line = _main(capsys, "train", "--data_path", tiny_data, "--output-dir", tmp_path / "o", "--device", "cpu",

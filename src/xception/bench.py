@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-gflops", type=float, default=None,
                    help="the device's fp32 peak, for the fraction-of-peak figure (default: estimated on an x86 "
                         "Linux CPU as threads x clock x FLOP/cycle; none elsewhere)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (the first compiles)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (at least 1 is run; the first compiles)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
 
 
@@ -55,15 +55,18 @@ def run(args: argparse.Namespace) -> int:
     return run_compute_bench(args)
 
 
-def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False) -> dict:
+def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False,
+                profile: bool = False) -> dict:
     """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps.
-    With `compile`, the first step compiles; its time less one ordinary step is `compile_seconds`."""
+    With `compile`, the first step compiles; its time less one ordinary step is `compile_seconds`.
+    With `profile`, two more steps run under torch.profiler and `profile` holds its table."""
     import statistics
     import time
 
     import torch
 
     from .distributed import synchronize
+    from .fuse import compile_frozen
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)
@@ -85,18 +88,14 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
 
     model.train(train)
     if compile:
-        # For inference, let inductor treat the weights as constants ("freezing"): it can then fold
-        # BatchNorm and fuse ReLUs into oneDNN convolutions on CPU.
-        import torch._inductor.config as inductor_config
-        inductor_config.freezing = not train
-        model = torch.compile(model)
-    clock = []
-    for _ in range(max(args.warmup, 2 if compile else 0)):
-        synchronize(device)
-        t0 = time.perf_counter()
+        model = torch.compile(model) if train else compile_frozen(model)
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()  # the first step: compiles when compiling
+    synchronize(device)
+    first_step = time.perf_counter() - t0
+    for _ in range(max(args.warmup - 1, 1 if compile else 0)):
         step()
-        synchronize(device)
-        clock.append(time.perf_counter() - t0)
     rates = []
     for _ in range(args.repeats):
         synchronize(device)
@@ -106,7 +105,7 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
         synchronize(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
     out = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-    if getattr(args, "profile_this", False):
+    if profile:
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -115,7 +114,7 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
             synchronize(device)
         out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     if compile:
-        out["compile_seconds"] = clock[0] - args.batch_size / out["median"]
+        out["compile_seconds"] = first_step - args.batch_size / out["median"]
     return out
 
 
@@ -170,9 +169,7 @@ def run_compute_bench(args) -> int:
               "threads": torch.get_num_threads(),
               "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
                                 "compile": args.compile, "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None}}
-    args.profile_this = args.profile  # ours only
-    stats = _time_model(ours, args, device, args.channels_last, train, args.compile)
-    args.profile_this = False
+    stats = _time_model(ours, args, device, args.channels_last, train, args.compile, profile=args.profile)
     result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
     # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
     result["gflop_per_image"] = forward_gflop(args.image_size) * (3 if train else 1)

@@ -60,9 +60,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-scale", default=None, help="fp16 loss scale: a number (static) or 'dynamic' (default)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format (default: the measured best for the device)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: the measured best for the device, off on CPU); its "
-                        "compile time is logged on its own and kept out of img/s")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (default off, see docs/performance.md); its compile time is "
+                        "logged on its own and kept out of img/s")
     g.add_argument("--dist-backend", default=None, help="process-group backend (default by device: nccl, hccl, gloo)")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     g.add_argument("--multiprocessing-distributed", action="store_true",

@@ -54,7 +54,10 @@ class Config:
     print_freq: int = 10
     case_name: Optional[str] = None
     channels_last: Optional[bool] = None  # None: the measured default for the device
-    compile: Optional[bool] = None  # torch.compile; None: the measured default for the device
+    # torch.compile. Off: on CPU the compiled training step measured slower (12.5 vs 14.1 img/s at 128 px,
+    # after a 58 s compile) and frozen inference 15% faster after 13 s of compiling, which pays off only
+    # past ~600 images (docs/performance.md); not measured on a GPU yet (benchmarks/gpu.sh does).
+    compile: bool = False
     pretrained: Optional[str] = None
     # faults (datacheck.py, preempt.py)
     skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping

@@ -19,6 +19,7 @@ from .data import FolderDataset, eval_transform, make_loader, scan_dataset, trai
 from .distributed import DistContext, cleanup, convert_sync_batchnorm, setup
 from .engine import evaluate, make_precision, train_one_epoch
 from .finetune import HeadOnly
+from .fuse import compile_frozen
 from .observe import Board
 from .weights import apply_saved_numerics
 from .model import Xception
@@ -31,14 +32,6 @@ def default_channels_last(device: torch.device) -> bool:
     # On CUDA it is the usual choice for autocast on tensor cores, but not measured by us yet
     # (benchmarks/gpu.sh measures both layouts); --no-channels-last overrides.
     return device.type in ("cpu", "cuda")
-
-
-def default_compile(device: torch.device) -> bool:
-    # Measured on the 2-core CPU (docs/performance.md): the compiled training step is slower (12.5 vs
-    # 14.1 img/s at 128 px) after a 58 s compile; compiled, frozen inference is 15% faster but takes 13 s
-    # to compile, which pays off only past ~600 images, so eval asks for it with --compile. Not measured
-    # on a GPU yet (benchmarks/gpu.sh does), so nothing is assumed there either.
-    return False
 
 
 def build_scheduler(optimizer, cfg: Config, iters_per_epoch: int):
@@ -113,13 +106,13 @@ class Run:
         self.val_loader = prefetch.for_device(self.val_loader, self.ctx.device)
         self.channels_last = (default_channels_last(self.ctx.device) if cfg.channels_last is None
                               else cfg.channels_last)
-        self.compile = default_compile(self.ctx.device) if cfg.compile is None else cfg.compile
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Xception(num_classes=len(self.classes), drop_rate=cfg.drop_rate)
         self.precision = make_precision(cfg, self.ctx.device, warn=self.log)
 
-    def place_model(self) -> nn.Module:
-        """Move to the device and layout; wrap for data parallelism. Returns the module to call."""
+    def place_model(self, frozen: bool = False) -> nn.Module:
+        """Move to the device and layout; wrap for data parallelism; with --compile, compile (`frozen`: for
+        inference with fixed weights, fuse.compile_frozen). Returns the module to call."""
         model = self.model.to(self.ctx.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -129,8 +122,8 @@ class Run:
                 self.model = model
             ids = [self.ctx.device.index] if self.ctx.device.type in ("cuda", "npu") else None
             model = DistributedDataParallel(model, device_ids=ids)
-        if self.compile:  # lazy: the first step in each mode compiles (train_one_epoch times it apart)
-            model = torch.compile(model)
+        if self.cfg.compile:  # lazy: the first call in each mode compiles, timed apart from img/s
+            model = compile_frozen(model) if frozen else torch.compile(model)
         return model
 
     def check_classes(self, state: dict, source: str) -> None:
@@ -208,7 +201,7 @@ def train(cfg: Config) -> dict:
                 raise UserError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; "
                                 f"raise --epochs above {start_epoch} to train further")
         log(f"training on {ctx.world_size} x {ctx.device.type} ({run.precision.name}, "
-            f"{'channels_last' if run.channels_last else 'NCHW'}{', compiled' if run.compile else ''}), "
+            f"{'channels_last' if run.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}), "
             f"{len(run.train_loader.dataset)} train / "
             f"{len(run.val_loader.dataset)} val images, {len(run.classes)} classes, "
             f"global batch {cfg.batch_size}, {iters} iterations per epoch")
@@ -243,7 +236,7 @@ def train(cfg: Config) -> dict:
                                     ctx, cfg, progress, run.channels_last, start_step=start_step, guard=guard)
             start_step = 0
             progress.close()
-            if run.compile and epoch == start_epoch:
+            if cfg.compile and epoch == start_epoch:
                 log(f"torch.compile: the first step took {stats.first_step_seconds:.1f} s (compilation, not "
                     f"counted in img/s)")
             if guard.stop == "nonfinite":  # the weights may be damaged: keep the last checkpoint as it is
@@ -329,13 +322,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         run.check_classes(state, cfg.resume)
         ckpt.load_weights(run.model, ckpt.model_state(state), cfg.resume, allow_new_head=False)
         apply_saved_numerics(run.model, state)
-        if run.compile:
-            # The weights stay fixed in an eval run, so inductor may treat them as constants ("freezing"):
-            # it then folds BatchNorm into the convolutions and fuses the ReLUs (docs/performance.md).
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-        model = run.place_model()
-        if run.compile:
+        model = run.place_model(frozen=True)  # the weights stay fixed in an eval run
+        if cfg.compile:
             compile_warmup(model, run, log)
         progress = report.Progress(ctx.is_main, len(run.val_loader), "eval", cfg.print_freq)
         t0 = time.perf_counter()
