@@ -1,5 +1,6 @@
 """Shared fixtures: tiny image-folder datasets the tests make themselves, and a CLI runner."""
 
+import csv
 import os
 import re
 import subprocess
@@ -65,3 +66,20 @@ def eval_figures(proc):
     m = re.search(r"on (\d+) images: loss ([\d.]+) top1 ([\d.]+) top5 ([\d.]+)", proc.stdout)
     assert m, proc.stdout + proc.stderr
     return m.groups()
+
+
+def read_metrics(folder):
+    """The rows of FOLDER/metrics.csv."""
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    """The model state dict of one of our checkpoints."""
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def save_image(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)

@@ -1,27 +1,17 @@
 """The command line as a user meets it: train -> eval -> resume, result lines, and one-line errors."""
 
-import csv
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import eval_figures, one_line_error, run_cli
+from conftest import eval_figures, one_line_error, read_metrics, run_cli, weights
 
 pytestmark = pytest.mark.slow
 
 TINY = ["--image-size", "71", "--batch-size", "4", "--workers", "0", "--seed", "3", "--lr", "0.05",
         "--warmup-epochs", "0.5", "--print-freq", "1"]
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_train_writes_checkpoints_metrics_and_the_seed_result_block(tiny_data, tmp_path):

@@ -1,4 +1,3 @@
-import io
 import os
 
 import numpy as np
@@ -6,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import make_image_folder, save_image
 from xception.config import Config, UserError
 from xception.data import (ShardSampler, eval_resize_size, eval_transform, load_rgb, scan_dataset, to_device,
                            train_transform)
@@ -58,11 +57,6 @@ def test_differing_class_lists_name_the_classes(tmp_path):
     assert "only in train: ['b']" in str(err.value) and "only in val: ['c']" in str(err.value)
 
 
-def _save(img, path, **kw):
-    img.save(path, **kw)
-    return str(path)
-
-
 @pytest.mark.parametrize("mode,ext", [("L", "png"), ("P", "gif"), ("RGBA", "png"), ("CMYK", "jpg"),
                                       ("RGB", "bmp"), ("RGB", "webp"), ("I;16", "png")])
 def test_every_mode_and_format_becomes_rgb(tmp_path, mode, ext):
@@ -70,7 +64,7 @@ def test_every_mode_and_format_becomes_rgb(tmp_path, mode, ext):
         img = Image.fromarray(np.full((20, 30), 40000, np.uint16))
     else:
         img = Image.new(mode, (30, 20))
-    out = load_rgb(_save(img, tmp_path / f"x.{ext}"))
+    out = load_rgb(save_image(img, tmp_path / f"x.{ext}"))
     assert out.mode == "RGB" and out.size == (30, 20)
     if mode == "I;16":  # scaled from 16 bits to 8, not clipped to white
         assert np.asarray(out)[0, 0, 0] == 40000 // 256
@@ -80,7 +74,7 @@ def test_exif_orientation_is_honoured(tmp_path):
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    out = load_rgb(_save(img, tmp_path / "r.jpg", exif=exif))
+    out = load_rgb(save_image(img, tmp_path / "r.jpg", exif=exif))
     assert out.size == (20, 40)
 
 

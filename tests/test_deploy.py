@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, one_line_error, run_cli
+from conftest import eval_figures, make_image_folder, one_line_error, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -133,9 +133,8 @@ def test_export_onnx_verifies_and_evaluates_like_pytorch(trained, tmp_path):
                     "--image-size", 71, "--crop-pct", 0.8975, "--batch-size", 4, "--workers", 0,
                     *(["--report"] if name == "onnx" else []))
         assert r.returncode == 0, r.stderr
-        line = next(x for x in r.stdout.splitlines() if x.startswith("eval ") and " on 9 images" in x)
-        ev[name] = line.split(" on ", 1)[1]
-    assert ev["onnx"] == ev["torch"]  # same loss, top-1, top-5 to the printed digits
+        ev[name] = eval_figures(r)
+    assert ev["torch"][0] == "9" and ev["onnx"] == ev["torch"]  # same loss, top-1, top-5 to the printed digits
     rows = list(csv.DictReader(open(tmp_path / "onnx" / "per_class.csv")))
     assert [r["class"] for r in rows] == ["cat", "dog", "fox"] and sum(int(r["images"]) for r in rows) == 9
     assert png_size(tmp_path / "onnx" / "confusion.png")[1] > 10

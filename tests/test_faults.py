@@ -3,9 +3,7 @@ and a writer killed mid-save. Every user-facing fault must end in one line namin
 counted skip), never a traceback."""
 
 import builtins
-import csv
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -18,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, one_line_error, run_cli
+from conftest import make_image_folder, one_line_error, read_metrics, run_cli
 from xception import checkpoint as ckpt
 from xception import cli, datacheck
 from xception.config import Config, UserError
-from xception.data import load_rgb, scan_dataset
+from xception.data import scan_dataset
 from xception.distributed import DistContext
 
 pytestmark = pytest.mark.faults
@@ -115,11 +113,6 @@ def bad_data(tmp_path):
     return root, bad, good
 
 
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
 # ---- single files: what the check says about each ------------------------------------------------
 
 
@@ -135,16 +128,6 @@ def test_each_bad_file_gets_a_reason_that_says_what_to_do(bad_data):
     assert str(2 * Image.MAX_IMAGE_PIXELS) in datacheck.check_image(bad["bomb"])  # Pillow's own limit, kept
     for path in good:
         assert datacheck.check_image(path) is None, path
-
-
-def test_odd_but_valid_images_become_rgb_and_exif_orientation_is_honoured(bad_data):
-    _, _, good = bad_data
-    for path in good:
-        assert load_rgb(path).mode == "RGB"
-    rotated = [p for p in good if p.endswith("exif_rotated.jpg")][0]
-    assert load_rgb(rotated).size == (20, 40)  # stored 40x20, shown upright as 20x40
-    sixteen = [p for p in good if p.endswith("sixteen_bit.png")][0]
-    assert np.asarray(load_rgb(sixteen))[0, 0, 0] == 50000 // 256
 
 
 def test_unreadable_file_is_named_with_permission_advice(tmp_path, monkeypatch):
@@ -167,33 +150,16 @@ def test_unreadable_file_is_named_with_permission_advice(tmp_path, monkeypatch):
 
 def test_non_utf8_names_are_shown_printably():
     name = os.fsdecode(b"/data/train/cat/x\xff.jpg")
-    assert datacheck.show(name) == "/data/train/cat/x\\xff.jpg"
-    datacheck.show(name).encode("utf-8")  # printable on any terminal
+    assert datacheck.show(name) == "/data/train/cat/x\\xff.jpg"  # printable on any terminal
 
 
 # ---- folders: structure errors and the pre-scan --------------------------------------------------
 
 
-def test_folder_structure_faults_are_one_clear_error(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=2, n_val=1)
-    os.makedirs(os.path.join(root, "train", "c"))  # an empty class folder
-    with pytest.raises(UserError, match="without images: c"):
-        scan_dataset(root)
-    open(os.path.join(root, "train", "c", "readme.txt"), "w").close()  # only non-images
-    with pytest.raises(UserError, match="without images: c"):
-        scan_dataset(root)
-    shutil.rmtree(os.path.join(root, "train", "c"))
-    os.rename(os.path.join(root, "val", "b"), os.path.join(root, "val", "z"))  # different classes
-    with pytest.raises(UserError, match=r"only in train: \['b'\]; only in val: \['z'\]"):
-        scan_dataset(root)
+def test_a_single_class_is_refused(tmp_path):  # the other layout errors: test_data.py
     one = make_image_folder(tmp_path / "one", classes=("solo",), n_train=2, n_val=1)
     with pytest.raises(UserError, match="only one class"):
         scan_dataset(one)
-    shutil.rmtree(os.path.join(one, "val"))
-    with pytest.raises(UserError, match="no val/"):
-        scan_dataset(one)
-    with pytest.raises(UserError, match="is a file"):
-        scan_dataset(os.path.join(root, "train", "a", "0.jpg"))
 
 
 def test_prescan_refuses_the_first_bad_file_or_drops_and_counts_them(bad_data):
@@ -407,5 +373,6 @@ def test_a_writer_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, moment)
     finally:
         proc.kill()
     state = ckpt.load_checkpoint(str(path))
-    assert state["version"] in ((2, 3) if moment != "later" else range(2, 1000))
+    # version 2 was complete before "saving 3"; later the writer may have finished 3 and gone on
+    assert state["version"] in (2, 3) if moment != "later" else state["version"] >= 2
     assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["version"])))

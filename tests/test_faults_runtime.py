@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_image_folder, one_line_error, run_cli
+from conftest import make_image_folder, one_line_error, run_cli, weights
 from xception import cli, report
 from xception.config import Config
 from xception.distributed import DistContext
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.faults
 FLAGS = ["--image-size", "71", "--batch-size", "4", "--workers", "0", "--seed", "5", "--print-freq", "1",
          "--epochs", "2", "--device", "cpu", "--lr", "0.05"]
 ENV = {"OMP_NUM_THREADS": "1"}  # one thread: CPU kernels then sum in a fixed order
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def start(*args):

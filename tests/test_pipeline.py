@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import save_image
 from xception import decode
 from xception.config import Config
 from xception.data import eval_transform, load_rgb, to_device, train_transform
@@ -22,11 +23,6 @@ def smooth_image(w, h, seed=0):
     rng = np.random.default_rng(seed)
     low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
     return low.resize((w, h), Image.BICUBIC)
-
-
-def save(img, path, **kw):
-    img.save(path, **kw)
-    return str(path)
 
 
 def as_hwc(x):
@@ -60,7 +56,7 @@ def test_train_path_matches_the_reference_transform_with_the_same_seed(tmp_path)
     """Same torch seed: the reference (PIL image -> v2 RandomResizedCrop + flip) and ours (decode_jpeg ->
     uint8 channels-last crop/resize/flip) pick the same crops and flips, so only the interpolation
     implementations differ."""
-    path = save(smooth_image(500, 375), tmp_path / "a.png")
+    path = save_image(smooth_image(500, 375), tmp_path / "a.png")
     cfg = Config(image_size=97, crop_scale=(0.08, 1.0))
     ref, ours = train_transform(cfg), decode.TrainTransform(97, cfg.crop_scale)
     flips = 0
@@ -81,7 +77,7 @@ def test_train_path_matches_the_reference_transform_with_the_same_seed(tmp_path)
 def test_eval_path_matches_the_plain_pil_path(tmp_path, size):
     """Without a reduced decode (the resize target is over half the short side) the pixels are the PIL
     path's: the same libjpeg-turbo decode, the same antialiased bicubic filter."""
-    path = save(smooth_image(*size), tmp_path / "a.jpg", quality=90)
+    path = save_image(smooth_image(*size), tmp_path / "a.jpg", quality=90)
     expected = as_hwc(eval_transform(299, 0.8975)(load_rgb(path)))
     got = decode.EvalTransform(299, 0.8975).load(path)
     assert got.shape == (3, 299, 299)
@@ -92,7 +88,7 @@ def test_eval_path_matches_the_plain_pil_path(tmp_path, size):
 def test_large_jpeg_decodes_reduced_and_still_matches(tmp_path, monkeypatch):
     """A 1600x1200 JPEG evaluated at 113 px: Pillow's draft decodes it at 1/4 or 1/8 scale, and the
     result still matches the full-size PIL path within interpolation tolerance."""
-    path = save(smooth_image(1600, 1200), tmp_path / "big.jpg", quality=92)
+    path = save_image(smooth_image(1600, 1200), tmp_path / "big.jpg", quality=92)
     drafts = []
     from PIL.JpegImagePlugin import JpegImageFile
     real = JpegImageFile.draft
@@ -113,7 +109,7 @@ def test_exif_orientation_is_honoured(tmp_path, reduced):
     img = smooth_image(800, 600)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = open(save(img, tmp_path / "r.jpg", exif=exif, quality=95), "rb").read()
+    data = open(save_image(img, tmp_path / "r.jpg", exif=exif, quality=95), "rb").read()
     if reduced:
         out, scale = decode.decode_reduced(data, lambda w, h: (w // 2, h // 2), 2)
         assert scale == 0.5 and tuple(out.shape) == (3, 400, 300)
@@ -128,7 +124,7 @@ def test_exif_orientation_is_honoured(tmp_path, reduced):
                                       ("RGB", "webp")])
 def test_other_modes_and_formats_become_the_same_rgb_as_pil(tmp_path, mode, ext):
     img = smooth_image(60, 40).convert(mode)
-    path = save(img, tmp_path / f"x.{ext}")
+    path = save_image(img, tmp_path / f"x.{ext}")
     out = decode.decode_full(open(path, "rb").read())
     ref = np.asarray(load_rgb(path)).astype(np.int16)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 40, 60)
@@ -138,7 +134,7 @@ def test_other_modes_and_formats_become_the_same_rgb_as_pil(tmp_path, mode, ext)
 def test_jpeg_size_reads_the_frame_header(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3
-    data = open(save(smooth_image(123, 45), tmp_path / "s.jpg", exif=exif, progressive=True), "rb").read()
+    data = open(save_image(smooth_image(123, 45), tmp_path / "s.jpg", exif=exif, progressive=True), "rb").read()
     assert decode.jpeg_size(data) == (123, 45)
     assert decode.jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
 
@@ -283,7 +279,7 @@ def test_dali_graph_runs_on_the_cpu_when_dali_is_installed(tmp_path):
     for k in range(3):
         folder = tmp_path / "val" / f"c{k}"
         folder.mkdir(parents=True)
-        save(smooth_image(500 - 60 * k, 375 + 40 * k, seed=k), folder / "0.jpg", quality=90)
+        save_image(smooth_image(500 - 60 * k, 375 + 40 * k, seed=k), folder / "0.jpg", quality=90)
     split = scan_split(str(tmp_path / "val"))
     cfg = Config(image_size=113, crop_pct=0.875, seed=3)
     labels = []
