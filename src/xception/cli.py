@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import DEFAULT_CROP_PCT, Config, UserError
+from .config import DEFAULT_CROP_PCT, LOADERS, Config, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,7 +39,7 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-hflip", dest="hflip", action="store_false", help="train: no horizontal flips")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="log, count and skip images that fail to decode (default: stop at the first, naming it)")
-    g.add_argument("--loader", choices=["auto", "pil", "tv", "dali"], default="auto",
+    g.add_argument("--loader", choices=LOADERS, default="auto",
                    help="input pipeline: tv = torchvision decode_jpeg + uint8 transforms (auto, the fastest "
                         "CPU path); pil = Pillow + transforms; dali = NVIDIA DALI, decoding on the GPU. "
                         "--data_path may also be a shard set from xception prepare (folder or URL)")

@@ -18,6 +18,8 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (inputs.py)
+
 @dataclass
 class Config:
     # data
@@ -86,7 +88,7 @@ class Config:
             (self.batch_size > 0, f"--batch-size must be a positive number, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
-            (self.loader in ("auto", "pil", "tv", "dali"),
+            (self.loader in LOADERS,
              f"--loader must be auto, pil, tv or dali, got {self.loader!r}"),
             (self.momentum >= 0, f"--momentum must be 0 or more, got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),

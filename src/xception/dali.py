@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 
 from .config import UserError
+from .decode import RATIO
 
 READER = "Reader"
-RATIO = [3 / 4, 4 / 3]
 
 
 def graph(fn, types, files, labels, train: bool, size: int, resize_to: int, crop_scale, hflip: bool,
@@ -34,7 +34,7 @@ def graph(fn, types, files, labels, train: bool, size: int, resize_to: int, crop
                                      name=READER, **order)
     if train:
         images = fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
-                                               random_area=list(crop_scale), random_aspect_ratio=RATIO,
+                                               random_area=list(crop_scale), random_aspect_ratio=list(RATIO),
                                                num_attempts=10)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                            antialias=True)

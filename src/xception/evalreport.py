@@ -22,8 +22,7 @@ def evaluate_and_report(model, loader, precision, ctx, channels_last: bool, prog
 
     from .data import to_device
 
-    if hasattr(model, "eval"):
-        model.eval()
+    model.eval()
     from .checkpoint import unwrap
 
     device = ctx.device

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from .config import UserError
 
-LOADERS = ("auto", "pil", "tv", "dali")
-
 
 def folder_dataset(split, cfg, train: bool):
     """An image-folder split as a map-style dataset: the uint8 fast path (tv, auto) or the PIL one."""

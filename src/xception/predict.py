@@ -119,6 +119,7 @@ def predict(inputs: list, weights: str, topk: int = 5, batch_size: int = 16, wor
     from torch.utils.data import DataLoader
 
     from .data import eval_transform, to_device
+    from .distributed import resolve_device
     from .model import MIN_INPUT_SIZE
     from .report import Progress
 
@@ -131,7 +132,7 @@ def predict(inputs: list, weights: str, topk: int = 5, batch_size: int = 16, wor
         raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {image_size}")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {crop_pct}")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     paths, problems = collect_images(inputs)
     if not paths:
         where = "; ".join(f"{p}: {why}" for p, why in problems[:3])

@@ -123,13 +123,6 @@ class StepGuard:
             signal.signal(s, old)
         self._old = {}
 
-    def __enter__(self):
-        return self.install()
-
-    def __exit__(self, *exc):
-        self.uninstall()
-        return False
-
     # steps
 
     def batches(self, loader, start_step: int):

@@ -336,9 +336,8 @@ def make_shard_loaders(cfg, ctx, need_train: bool, log=print) -> tuple:
             if w < 1 and (train or shards == 0):
                 raise UserError(f"--data_path {cfg.data_path}: {shards} {name} shards for {ctx.world_size} "
                                 f"processes; run `xception prepare` with --min-shards {ctx.world_size * 8}")
-            log(f"warning: {shards} {name} shards: {max(w, 0)} loader worker(s) per process instead of "
+            log(f"warning: {shards} {name} shards: {w} loader worker(s) per process instead of "
                 f"{workers}; prepare with more shards (--min-shards) to use them all")
-            w = max(w, 0)
         stream = ShardStream(base, split, transform, per_rank, train, ctx.rank, ctx.world_size, w,
                              seed=cfg.seed or 0)
         if train and stream.quota < 1:
