@@ -35,6 +35,27 @@ def tiny_data(tmp_path):
     return make_image_folder(tmp_path / "data")
 
 
+# Flags of a tiny CPU run: the model's minimum input, a non-default eval crop, one process, fixed seed.
+TINY = ["--image-size", "71", "--crop-pct", "1", "--batch-size", "4", "--workers", "0", "--seed", "3",
+        "--lr", "0.05", "--print-freq", "1"]
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory):
+    """The tiny folder of `tiny_data`, made once per test run, for tests that only read it."""
+    return make_image_folder(tmp_path_factory.mktemp("shared") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_data, tmp_path_factory):
+    """A 2-epoch run on `shared_data` with TINY flags (71 px, crop 1), trained once per test run:
+    (data folder, output folder, the CompletedProcess). Tests must not write into its output folder."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    proc = run_cli("train", "--data_path", shared_data, "--epochs", 2, "--output-dir", out, *TINY)
+    assert proc.returncode == 0, proc.stderr
+    return shared_data, out, proc
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m xception ARGS` as a user would; returns the CompletedProcess."""
     full_env = dict(os.environ)

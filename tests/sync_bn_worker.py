@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xception import Xception
 from xception.checkpoint import unwrap
-from xception.distributed import cleanup, convert_sync_batchnorm, setup
+from xception.runtime import cleanup, convert_sync_batchnorm, setup
 
 
 def main(out: str, steps: int = 3, batch: int = 8) -> None:

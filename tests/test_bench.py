@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, one_line_error, run_cli
 from xception import Xception
 from xception import checkpoint as ckpt
-from xception.fuse import fold_batchnorm
+from xception.model.deploy import fold_batchnorm
 
 
 def test_gpu_script_runs_small_on_cpu_and_writes_one_json_object_per_setting(tmp_path):

@@ -14,10 +14,8 @@ TINY = ["--image-size", "71", "--batch-size", "4", "--workers", "0", "--seed", "
         "--warmup-epochs", "0.5", "--print-freq", "1"]
 
 
-def test_train_writes_checkpoints_metrics_and_the_seed_result_block(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("train", "--data_path", tiny_data, "--epochs", 2, "--output-dir", out, *TINY)
-    assert proc.returncode == 0, proc.stderr
+def test_train_writes_checkpoints_metrics_and_the_seed_result_block(trained_run):
+    _, out, proc = trained_run  # 2 epochs of conftest.TINY: 71 px, batch 4, one process
     for line in ("Final Performance images/sec :", "Final Train Accuracy :", "E2E Training Duration sec :"):
         assert proc.stdout.count(line) == 1
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "metrics.csv", "Xception_bs4_1p_acc.log"):
@@ -93,14 +91,12 @@ def test_checkpoint_of_other_classes_is_refused_for_resume_and_eval(tiny_data, t
     assert "--pretrained" in line
 
 
-def test_compiled_eval_keeps_compile_time_apart_and_agrees_with_eager(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("train", "--data_path", tiny_data, "--epochs", 1, "--output-dir", out, *TINY)
-    assert proc.returncode == 0, proc.stderr
+def test_compiled_eval_keeps_compile_time_apart_and_agrees_with_eager(trained_run, tmp_path):
+    data, out, _ = trained_run  # eval only reads the checkpoint
     ckpt = out / "checkpoint.pth.tar"
     figures = {}
     for flag in ("--compile", "--no-compile"):
-        proc = run_cli("eval", "--data_path", tiny_data, "--resume", ckpt, flag, "--output-dir", tmp_path / flag,
+        proc = run_cli("eval", "--data_path", data, "--resume", ckpt, flag, "--output-dir", tmp_path / flag,
                        "--image-size", "71", "--batch-size", "4", "--workers", "0")
         assert proc.returncode == 0, proc.stderr
         figures[flag] = [float(v) for v in eval_figures(proc)[1:]]  # loss, top1, top5

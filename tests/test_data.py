@@ -7,8 +7,10 @@ from PIL import Image
 
 from conftest import make_image_folder, save_image
 from xception.config import Config, UserError
-from xception.data import (ShardSampler, eval_resize_size, eval_transform, load_rgb, scan_dataset, to_device,
-                           train_transform)
+from xception.data import to_device
+from xception.data.folder import scan_dataset
+from xception.data.loaders import EvalSampler
+from xception.data.transforms import eval_resize_size, load_rgb, pil_eval, pil_train
 
 
 def test_scan_finds_classes_and_images(tiny_data):
@@ -81,7 +83,7 @@ def test_exif_orientation_is_honoured(tmp_path):
 def test_train_and_eval_transforms_give_uint8_squares():
     cfg = Config(image_size=71, crop_scale=(0.5, 1.0))
     img = Image.new("RGB", (120, 90), (10, 20, 30))
-    for t in (train_transform(cfg), eval_transform(71, 0.875)):
+    for t in (pil_train(cfg.image_size, cfg.crop_scale), pil_eval(71, 0.875)):
         x = t(img)
         assert x.dtype == torch.uint8 and x.shape == (3, 71, 71)
     assert eval_resize_size(299, 0.8975) == 333
@@ -92,7 +94,7 @@ def test_eval_transform_resizes_the_short_side_then_centre_crops():
     # of 80, the crop spans columns 60..140 of 200, so its left half is black and its right half white.
     arr = np.zeros((100, 200, 3), np.uint8)
     arr[:, 100:] = 255
-    x = eval_transform(80, 0.8)(Image.fromarray(arr))
+    x = pil_eval(80, 0.8)(Image.fromarray(arr))
     assert x.shape == (3, 80, 80)
     assert x[:, :, :35].max() < 10 and x[:, :, 45:].min() > 245
 
@@ -105,6 +107,6 @@ def test_to_device_scales_to_minus_one_one_in_the_requested_layout():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_shard_sampler_gives_every_sample_exactly_once(world):
-    seen = sorted(i for rank in range(world) for i in ShardSampler(11, rank, world))
+def test_eval_sampler_gives_every_sample_exactly_once(world):
+    seen = sorted(i for rank in range(world) for i in EvalSampler(11, rank, world))
     assert seen == list(range(11))

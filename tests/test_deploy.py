@@ -9,32 +9,24 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import eval_figures, make_image_folder, one_line_error, run_cli
+from conftest import TINY, eval_figures, make_image_folder, one_line_error, run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-TINY = ["--image-size", "71", "--batch-size", "4", "--workers", "0", "--seed", "3", "--lr", "0.05",
-        "--print-freq", "1"]
+# The tests read the session's `trained_run` (2 epochs, 71 px, crop 1, TINY flags) and never write into it.
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch run on 3 classes: its data folder and output folder."""
-    root = tmp_path_factory.mktemp("deploy")
-    data = make_image_folder(root / "data")
-    out = root / "run"
-    proc = run_cli("train", "--data_path", data, "--epochs", 2, "--output-dir", out, *TINY)
-    assert proc.returncode == 0, proc.stderr
-    return data, out, proc
+def own_settings(weights):
+    """The line eval/predict/export print when they take the input size and crop from the weights."""
+    return f"{weights}: input image size 71 (the weights' own), crop pct 1 (the weights' own)"
 
 
 def png_size(path):
     with Image.open(path) as img:
-        return img.size, len(set(img.convert("L").getdata()))
+        return img.size, len(np.unique(np.asarray(img.convert("L"))))
 
 
-def test_training_writes_curves_and_plot_redraws_them(trained, tmp_path):
-    _, out, proc = trained
+def test_training_writes_curves_and_plot_redraws_them(trained_run, tmp_path):
+    _, out, proc = trained_run
     assert "training curves:" in proc.stdout
     (w, h), levels = png_size(out / "curves.png")
     assert w >= 600 and h >= 400 and levels > 20  # a real drawing, not a blank canvas
@@ -44,8 +36,8 @@ def test_training_writes_curves_and_plot_redraws_them(trained, tmp_path):
     assert "metrics.csv" in one_line_error(run_cli("plot", tmp_path))
 
 
-def test_finetune_on_other_classes_with_frozen_backbone_and_tensorboard(trained, tmp_path):
-    _, out, _ = trained
+def test_finetune_on_other_classes_with_frozen_backbone_and_tensorboard(trained_run, tmp_path):
+    _, out, _ = trained_run
     data2 = make_image_folder(tmp_path / "data2", classes=("left", "right"), seed=5)
     ft = tmp_path / "ft"
     proc = run_cli("train", "--data_path", data2, "--epochs", 1, "--freeze-epochs", 1, "--tensorboard",
@@ -68,8 +60,8 @@ def test_finetune_on_other_classes_with_frozen_backbone_and_tensorboard(trained,
     assert (ft / "curves.png").exists()
 
 
-def test_predict_prints_class_names_and_skips_bad_files(trained, tmp_path):
-    data, out, _ = trained
+def test_predict_prints_class_names_and_skips_bad_files(trained_run, tmp_path):
+    data, out, _ = trained_run
     folder = tmp_path / "imgs"
     folder.mkdir()
     for name in ("a.png", "b.jpg"):
@@ -85,6 +77,8 @@ def test_predict_prints_class_names_and_skips_bad_files(trained, tmp_path):
     # sorted probabilities (a model trained this briefly can be so sure that the runner-up rounds to 0)
     assert 1 >= top[0]["probability"] >= top[1]["probability"] >= 0 and top[0]["probability"] > 0
     assert result["image_size"] == 71  # the checkpoint's training size, not the default 299
+    assert result["crop_pct"] == 1  # and its eval crop, not the default 0.8975
+    assert own_settings(out / "checkpoint.pth.tar") in proc.stderr.splitlines()
     bad = {os.path.basename(e["path"]) for e in result["errors"]}
     assert bad == {"broken.jpg", "missing.png"}
     assert "skipped" in proc.stderr and "broken.jpg" in proc.stderr
@@ -96,7 +90,7 @@ def test_predict_prints_class_names_and_skips_bad_files(trained, tmp_path):
 
 def test_predict_with_timm_weights_gives_timms_top5(tmp_path):
     timm = pytest.importorskip("timm")
-    from xception.data import eval_transform, load_rgb
+    from xception.data.transforms import load_rgb, pil_eval
 
     torch.manual_seed(1)
     ref = timm.create_model("legacy_xception", pretrained=False).eval()
@@ -108,8 +102,10 @@ def test_predict_with_timm_weights_gives_timms_top5(tmp_path):
     Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(img)
     proc = run_cli("predict", img, "--weights", tmp_path / "legacy_xception.pth", "--image-size", 71, "--json")
     assert proc.returncode == 0, proc.stderr
+    weights = tmp_path / "legacy_xception.pth"
+    assert f"{weights}: input image size 71 (from the flag), crop pct 0.8975 (the default)" in proc.stderr
     ours = json.loads(proc.stdout)["predictions"][0]["top"]
-    x = eval_transform(71, 0.8975)(load_rgb(str(img))).float()[None] / 127.5 - 1
+    x = pil_eval(71, 0.8975)(load_rgb(str(img))).float()[None] / 127.5 - 1
     with torch.no_grad():
         probs = ref(x).softmax(1)[0]
     top5 = probs.topk(5)
@@ -120,19 +116,20 @@ def test_predict_with_timm_weights_gives_timms_top5(tmp_path):
     assert [t["class"] for t in ours] == [names[i] for i in top5.indices.tolist()]  # ImageNet names
 
 
-def test_export_onnx_verifies_and_evaluates_like_pytorch(trained, tmp_path):
-    data, out, _ = trained
+def test_export_onnx_verifies_and_evaluates_like_pytorch(trained_run, tmp_path):
+    data, out, _ = trained_run
     ckpt = out / "checkpoint.pth.tar"
     onnx_path = tmp_path / "xception.onnx"
     proc = run_cli("export", "--weights", ckpt, "--format", "onnx", "--out", onnx_path, "--dynamic-batch")
     assert proc.returncode == 0, proc.stderr
     assert "max |difference|" in proc.stdout and onnx_path.stat().st_size > 1_000_000
+    assert own_settings(ckpt) in proc.stdout.splitlines()  # the graph's metadata: 71 px, crop 1
     ev = {}
-    for name, weights in (("torch", ckpt), ("onnx", onnx_path)):
+    for name, weights in (("torch", ckpt), ("onnx", onnx_path)):  # size and crop: the weights' own
         r = run_cli("eval", "--data_path", data, "--weights", weights, "--output-dir", tmp_path / name,
-                    "--image-size", 71, "--crop-pct", 0.8975, "--batch-size", 4, "--workers", 0,
-                    *(["--report"] if name == "onnx" else []))
+                    "--batch-size", 4, "--workers", 0, *(["--report"] if name == "onnx" else []))
         assert r.returncode == 0, r.stderr
+        assert own_settings(weights) in r.stdout.splitlines()
         ev[name] = eval_figures(r)
     assert ev["torch"][0] == "9" and ev["onnx"] == ev["torch"]  # same loss, top-1, top-5 to the printed digits
     rows = list(csv.DictReader(open(tmp_path / "onnx" / "per_class.csv")))
@@ -145,16 +142,17 @@ def test_export_onnx_verifies_and_evaluates_like_pytorch(trained, tmp_path):
     assert [p["top"][0]["class"] for p in a] == [p["top"][0]["class"] for p in b]
 
 
-def test_export_torchscript_and_a_failed_verification(trained, tmp_path, monkeypatch):
-    _, out, _ = trained
-    from xception import export
+def test_export_torchscript_and_a_failed_verification(trained_run, tmp_path, monkeypatch):
+    _, out, _ = trained_run
     from xception.config import UserError
+    from xception.model.deploy import load_torchscript
+    from xception.tools import export
 
     path = tmp_path / "xception.pt"
     err = export.export(str(out / "checkpoint.pth.tar"), "torchscript", str(path), log=lambda *a: None)
     assert err < 1e-4 and path.exists()
-    module, meta = export.load_torchscript(str(path))
-    assert meta["class_names"] == ["cat", "dog", "fox"] and meta["image_size"] == 71
+    module, meta = load_torchscript(str(path))
+    assert meta["class_names"] == ["cat", "dog", "fox"] and meta["image_size"] == 71 and meta["crop_pct"] == 1
     assert module(torch.zeros(3, 3, 71, 71)).shape == (3, 3)
     monkeypatch.setattr(export, "ATOL", -1.0)  # no graph can pass: the export must refuse to write
     bad = tmp_path / "bad.onnx"

@@ -82,6 +82,8 @@ def test_two_process_eval_equals_one_process_eval_on_an_odd_val_set(tmp_path):
     two = run_cli("eval", "--data_path", data, "--resume", ckpt, "--batch-size", 4, "--output-dir", tmp_path / "e2",
                   "--nproc", 2, *SMALL)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
+    said = f"{ckpt}: input image size 71 (from the flag), crop pct 0.8975 (the weights' own)"
+    assert one.stdout.splitlines().count(said) == 1 and two.stdout.splitlines().count(said) == 1  # rank 0 only
     assert eval_figures(one)[0] == "9"
     assert eval_figures(two)[:1] == eval_figures(one)[:1]
     assert eval_figures(two)[2:] == eval_figures(one)[2:]  # top-1 and top-5 exactly

@@ -18,10 +18,12 @@ from PIL import Image
 
 from conftest import make_image_folder, one_line_error, read_metrics, run_cli
 from xception import checkpoint as ckpt
-from xception import cli, datacheck
+from xception import cli
 from xception.config import Config, UserError
-from xception.data import scan_dataset
-from xception.distributed import DistContext
+from xception.data import check
+from xception.data.folder import scan_dataset
+from xception.files import show
+from xception.runtime import DistContext
 
 pytestmark = pytest.mark.faults
 
@@ -122,12 +124,12 @@ def test_each_bad_file_gets_a_reason_that_says_what_to_do(bad_data):
               "text": "a text file, not an image", "bomb": "decompression-bomb limit",
               "non_utf8": "truncated image"}
     for kind, path in bad.items():
-        why = datacheck.check_image(path)
+        why = check.check_image(path)
         assert why is not None and expect[kind] in why, (kind, why)
         assert "--skip-bad-images" in why or "remove" in why
-    assert str(2 * Image.MAX_IMAGE_PIXELS) in datacheck.check_image(bad["bomb"])  # Pillow's own limit, kept
+    assert str(2 * Image.MAX_IMAGE_PIXELS) in check.check_image(bad["bomb"])  # Pillow's own limit, kept
     for path in good:
-        assert datacheck.check_image(path) is None, path
+        assert check.check_image(path) is None, path
 
 
 def test_unreadable_file_is_named_with_permission_advice(tmp_path, monkeypatch):
@@ -144,13 +146,13 @@ def test_unreadable_file_is_named_with_permission_advice(tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", path)
             return real_open(file, *a, **k)
         monkeypatch.setattr(builtins, "open", locked_open)
-    why = datacheck.check_image(path)
+    why = check.check_image(path)
     assert why is not None and "permission denied" in why and "chmod" in why
 
 
 def test_non_utf8_names_are_shown_printably():
     name = os.fsdecode(b"/data/train/cat/x\xff.jpg")
-    assert datacheck.show(name) == "/data/train/cat/x\\xff.jpg"  # printable on any terminal
+    assert show(name) == "/data/train/cat/x\\xff.jpg"  # printable on any terminal
 
 
 # ---- folders: structure errors and the pre-scan --------------------------------------------------
@@ -162,18 +164,19 @@ def test_a_single_class_is_refused(tmp_path):  # the other layout errors: test_d
         scan_dataset(one)
 
 
-def test_prescan_refuses_the_first_bad_file_or_drops_and_counts_them(bad_data):
+def test_prescan_refuses_the_first_bad_file_or_drops_and_counts_them(bad_data, tmp_path):
     root, bad, good = bad_data
     train, val = scan_dataset(root)
-    cfg = Config(data_path=root, workers=2)
+    cfg = Config(data_path=root, workers=2, output_dir=str(tmp_path / "out"))
+    os.makedirs(cfg.output_dir)
     with pytest.raises(UserError) as err:
-        datacheck.screen(cfg, CPU, [train, val], log=lambda m: None)
+        check.screen([train, val], cfg, CPU, log=lambda m: None)
     message = str(err.value)
     assert "\n" not in message and "--skip-bad-images" in message and "check-data" in message
-    assert any(datacheck.show(p) in message for p in bad.values())
+    assert any(show(p) in message for p in bad.values())
     logged = []
     cfg.skip_bad_images = True
-    (train2, val2), skipped = datacheck.screen(cfg, CPU, [train, val], log=logged.append)
+    (train2, val2), skipped = check.screen([train, val], cfg, CPU, log=logged.append)
     assert skipped == len(bad) == 6
     assert len(train2.samples) == len(train.samples) - 6 and val2.samples == val.samples
     assert any("1 file(s) without an image extension ignored" in m for m in logged)
@@ -185,8 +188,9 @@ def test_skipping_every_image_of_a_class_is_refused(tmp_path):
     with open(os.path.join(root, "train", "b", "0.jpg"), "wb") as f:
         f.write(b"junk")
     train, val = scan_dataset(root)
+    cfg = Config(data_path=root, skip_bad_images=True, output_dir=str(tmp_path))
     with pytest.raises(UserError, match="no readable image left"):
-        datacheck.screen(Config(data_path=root, skip_bad_images=True), CPU, [train, val], log=lambda m: None)
+        check.screen([train, val], cfg, CPU, log=lambda m: None)
 
 
 def test_check_data_cli_lists_every_bad_file_and_ends_in_one_error(bad_data):
@@ -195,7 +199,7 @@ def test_check_data_cli_lists_every_bad_file_and_ends_in_one_error(bad_data):
     line = one_line_error(proc)
     assert proc.returncode == 2 and "--skip-bad-images" in line
     for path in bad.values():
-        assert f"bad: {datacheck.show(path)}:" in proc.stdout
+        assert f"bad: {show(path)}:" in proc.stdout
     assert "ignored" in proc.stdout and ": 6 bad" in proc.stdout
     ok = run_cli("check-data", root, "--skip-bad-images")
     assert ok.returncode == 0 and "Traceback" not in ok.stderr
@@ -205,7 +209,7 @@ def test_train_stops_before_any_epoch_on_a_folder_of_bad_files(bad_data, tmp_pat
     root, bad, _ = bad_data
     out = tmp_path / "out"
     line = one_line_error(run_cli("train", "--data_path", root, "--output-dir", out, *TINY))
-    assert any(datacheck.show(p) in line for p in bad.values()) and "--skip-bad-images" in line
+    assert any(show(p) in line for p in bad.values()) and "--skip-bad-images" in line
     assert not (out / "checkpoint.pth.tar").exists() and not (out / "metrics.csv").exists()
 
 
@@ -296,7 +300,7 @@ def test_output_dir_that_cannot_be_written(tiny_data, tmp_path, capsys, monkeypa
 def test_checkpoint_of_another_class_count_needs_pretrained(tiny_data, tmp_path, capsys):
     from xception.model import Xception
     path = tmp_path / "two.pth.tar"
-    torch.save({"model": Xception(num_classes=2).state_dict(), "epoch": 1, "class_names": ["a", "b"]}, path)
+    ckpt.Checkpoint(Xception(num_classes=2).state_dict(), epoch=1, class_names=["a", "b"]).save(str(path))
     code, line = _main(capsys, "train", "--data_path", tiny_data, "--output-dir", tmp_path / "o", *TINY,
                        "--resume", path)
     assert code == 2 and "trained on 2 classes" in line and "--pretrained" in line
@@ -320,7 +324,7 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tiny_data, tmp_pa
     evil = tmp_path / "evil.pth.tar"
     torch.save({"model": {}, "epoch": 1, "payload": Exploit(marker)}, evil)
     with pytest.raises(UserError, match="refused"):
-        ckpt.load_checkpoint(str(evil))
+        ckpt.load_file(str(evil))
     for command in ("train", "eval"):
         code, line = _main(capsys, command, "--data_path", tiny_data, "--output-dir", tmp_path / "o", "--image-size",
                            71, "--batch-size", 4, "--workers", 0, "--device", "cpu", "--resume", evil)
@@ -334,7 +338,7 @@ def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_tensor(tiny_data, tmp_
     key = next(k for k, v in state.items() if v.dim() == 4)
     state[key] = torch.zeros(3, 3, 3, 3)
     path = tmp_path / "bad_shape.pth.tar"
-    torch.save({"model": state, "epoch": 1, "class_names": ["cat", "dog", "fox"]}, path)
+    ckpt.Checkpoint(state, epoch=1, class_names=["cat", "dog", "fox"]).save(str(path))
     code, line = _main(capsys, "eval", "--data_path", tiny_data, "--resume", path, "--image-size", 71,
                        "--batch-size", 4, "--workers", 0, "--device", "cpu", "--output-dir", tmp_path / "o")
     assert code == 2 and f"tensor {key} has shape (3, 3, 3, 3)" in line and "size mismatch" not in line
@@ -342,11 +346,12 @@ def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_tensor(tiny_data, tmp_
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from xception.checkpoint import save_atomic
+    from xception.files import atomic_write
     path = sys.argv[1]
     for version in range(1, 1000):
         print("saving", version, flush=True)
-        save_atomic({"version": version, "weights": torch.full((2_000_000,), float(version))}, path)
+        state = {"version": version, "weights": torch.full((2_000_000,), float(version))}
+        atomic_write(path, lambda f: torch.save(state, f))
 """)
 
 
@@ -372,7 +377,7 @@ def test_a_writer_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path, moment)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    state = ckpt.load_checkpoint(str(path))
+    state = ckpt.load_file(str(path))
     # version 2 was complete before "saving 3"; later the writer may have finished 3 and gone on
     assert state["version"] in (2, 3) if moment != "later" else state["version"] >= 2
     assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["version"])))

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_image_folder, one_line_error, run_cli, weights
-from xception import cli, report
-from xception.config import Config
-from xception.distributed import DistContext
-from xception.engine import Precision, train_one_epoch
-from xception.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StepGuard
+from conftest import make_image_folder, run_cli, weights
+from xception import cli
+from xception.config import EXIT_NONFINITE, EXIT_PREEMPTED
+from xception.engine.hooks import StepGuard
+from xception.engine.loop import EpochPlan, Step, train_one_epoch
+from xception.engine.precision import Precision
+from xception.runtime import DistContext
 
 pytestmark = pytest.mark.faults
 
@@ -97,9 +98,16 @@ def test_sigint_also_stops_after_the_step_and_resume_auto_picks_it_up(data, tmp_
 
 
 def test_a_non_finite_loss_without_loss_scaling_stops_the_run_at_once(data, tmp_path):
+    """With --print-freq 100 the loss is first read at the epoch's last step (6): the run stops there, after
+    that step's progress line, and the one error line still names step 2, where the loss went non-finite."""
     out = tmp_path / "nan"
-    line = one_line_error(run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, "--lr", "1e30",
-                                  "--print-freq", 100, env=ENV))
+    proc = run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, "--lr", "1e30", "--print-freq", 100,
+                   env=ENV)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == EXIT_NONFINITE and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2 [6/6] loss nan"), proc.stderr
+    line = lines[1]
+    assert line.startswith("xception: error: ")
     assert "not finite at epoch 1 step 2" in line and "no checkpoint had been written yet" in line
     assert not (out / "checkpoint.pth.tar").exists()
 
@@ -128,7 +136,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint_untouched(data, tmp_pa
     assert (out / "model_best.pth.tar").read_bytes() == best
 
 
-def _tiny_epoch(loss_fn, scaler, max_nonfinite=4, steps=8):
+def _tiny_epoch(loss_fn, scaler, max_nonfinite=4, steps=8, print_freq=100):
     """train_one_epoch on a linear model: the real step, scaler and guard, without Xception's cost."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
@@ -138,9 +146,9 @@ def _tiny_epoch(loss_fn, scaler, max_nonfinite=4, steps=8):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = DistContext(torch.device("cpu"))
     guard = StepGuard(ctx, optimizer, scaler is not None, max_nonfinite, log=lambda *a: None)
-    precision = Precision("cpu", None, scaler)
-    train_one_epoch(model, loader, loss_fn, optimizer, scheduler, precision, ctx, Config(print_freq=100),
-                    report.Progress(False, steps, ""), False, guard=guard)
+    step = Step(model, loss_fn, optimizer, scheduler, Precision("cpu", None, scaler))
+    train_one_epoch(step, loader, ctx, EpochPlan(steps, print_freq, channels_last=False), hooks=[guard],
+                    progress=None)
     return guard, model
 
 
@@ -157,14 +165,19 @@ def test_fp16_overflow_skips_the_step_and_counts_it():
     assert guard.overflow_skipped == 3 and guard.taken == 5
 
 
+@pytest.mark.parametrize("print_freq", [1, 100])
 @pytest.mark.parametrize("scaled,limit,expect_steps", [(True, 4, 4), (True, 1, 1), (False, 4, 1)])
-def test_non_finite_losses_stop_after_k_in_a_row_with_scaling_or_at_once_without(scaled, limit, expect_steps):
+def test_non_finite_losses_stop_after_k_in_a_row_with_scaling_or_at_once_without(scaled, limit, expect_steps,
+                                                                                 print_freq):
+    """The streak is read at check steps only: with --print-freq 1 the epoch stops at the step where the
+    streak reached the limit; with a large one at the epoch's last step, still naming that step."""
     def nan_loss(logits, targets):
         return nn.functional.cross_entropy(logits, targets) * float("nan")
 
     scaler = torch.amp.GradScaler("cpu") if scaled else None
-    guard, model = _tiny_epoch(nan_loss, scaler, max_nonfinite=limit)
-    assert guard.stop == "nonfinite" and guard.steps_done == expect_steps and guard.streak == expect_steps
+    guard, model = _tiny_epoch(nan_loss, scaler, max_nonfinite=limit, print_freq=print_freq)
+    assert guard.stop == "nonfinite" and guard.stop_step == expect_steps
+    assert guard.steps_done == (expect_steps if print_freq == 1 else 8)
     if scaled:  # the scaler skipped every step: the weights are still finite
         assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from xception import Xception, create_model
-from xception.model import SamePadMaxPool
+from xception.model.xception import SamePadMaxPool
 
 
 def test_imagenet_model_has_the_papers_trainable_parameter_count():

@@ -1,10 +1,12 @@
-"""The uint8 input pipeline (decode.py): same augmentation as the reference transforms, same pixels as the
-plain PIL path within interpolation tolerance, channels-last uint8 batches; and `bench --mode data`."""
+"""The uint8 input pipeline (data/transforms.py, data/loaders.py): same augmentation as the reference
+transforms, same pixels as the plain PIL path within interpolation tolerance, channels-last uint8 batches;
+the loaders behind build_loaders (folder, DALI); and `bench --mode data`."""
 
 import argparse
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from conftest import save_image
-from xception import decode
 from xception.config import Config
-from xception.data import eval_transform, load_rgb, to_device, train_transform
+from xception.data import to_device
+from xception.data import transforms as decode
+from xception.data.transforms import Uint8Eval, Uint8Train, load_rgb, pil_eval, pil_train
 
 
 def smooth_image(w, h, seed=0):
@@ -29,11 +32,34 @@ def as_hwc(x):
     return x.permute(1, 2, 0).numpy().astype(np.int16)
 
 
+def decode_full(data: bytes) -> torch.Tensor:
+    """Any image file's bytes at full size (no reduced decode): TorchCodec for a JPEG, Pillow otherwise."""
+    image, scale = decode.decode_reduced(data, None, math.inf)  # no size reaches the floor: never reduced
+    assert scale == 1.0
+    return image
+
+
+@pytest.fixture
+def torchcodec_calls(monkeypatch):
+    """Records every call of TorchCodec's JPEG decoder (and whether it returned), so a test can tell that
+    a JPEG really went through it and not through the Pillow fallback."""
+    real, calls = decode.decode_jpeg, []
+
+    def spy(*args, **kwargs):
+        calls.append("called")
+        out = real(*args, **kwargs)
+        calls[-1] = "decoded"
+        return out
+
+    monkeypatch.setattr(decode, "decode_jpeg", spy)
+    return calls
+
+
 def test_crop_parameters_have_the_reference_distribution():
     """Independent draws of ours and of torchvision v2 RandomResizedCrop: area share and log aspect
     quantiles agree, and every crop fits the image."""
     h, w, n = 375, 500, 4000
-    ours = decode.TrainTransform(299, scale=(0.08, 1.0))
+    ours = Uint8Train(299, scale=(0.08, 1.0))
     ref = v2.RandomResizedCrop(299, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
     image = torch.empty(1, 1, 1).expand(3, h, w)
     torch.manual_seed(1)
@@ -53,12 +79,12 @@ def test_crop_parameters_have_the_reference_distribution():
 
 
 def test_train_path_matches_the_reference_transform_with_the_same_seed(tmp_path):
-    """Same torch seed: the reference (PIL image -> v2 RandomResizedCrop + flip) and ours (decode_jpeg ->
+    """Same torch seed: the reference (PIL image -> v2 RandomResizedCrop + flip) and ours (decoder ->
     uint8 channels-last crop/resize/flip) pick the same crops and flips, so only the interpolation
     implementations differ."""
     path = save_image(smooth_image(500, 375), tmp_path / "a.png")
     cfg = Config(image_size=97, crop_scale=(0.08, 1.0))
-    ref, ours = train_transform(cfg), decode.TrainTransform(97, cfg.crop_scale)
+    ref, ours = pil_train(cfg.image_size, cfg.crop_scale), Uint8Train(97, cfg.crop_scale)
     flips = 0
     for seed in range(12):
         torch.manual_seed(seed)
@@ -78,8 +104,8 @@ def test_eval_path_matches_the_plain_pil_path(tmp_path, size):
     """Without a reduced decode (the resize target is over half the short side) the pixels are the PIL
     path's: the same libjpeg-turbo decode, the same antialiased bicubic filter."""
     path = save_image(smooth_image(*size), tmp_path / "a.jpg", quality=90)
-    expected = as_hwc(eval_transform(299, 0.8975)(load_rgb(path)))
-    got = decode.EvalTransform(299, 0.8975).load(path)
+    expected = as_hwc(pil_eval(299, 0.8975)(load_rgb(path)))
+    got = Uint8Eval(299, 0.8975).load(path)
     assert got.shape == (3, 299, 299)
     diff = np.abs(as_hwc(got) - expected)
     assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())
@@ -93,9 +119,9 @@ def test_large_jpeg_decodes_reduced_and_still_matches(tmp_path, monkeypatch):
     from PIL.JpegImagePlugin import JpegImageFile
     real = JpegImageFile.draft
     monkeypatch.setattr(JpegImageFile, "draft", lambda self, *a: drafts.append(a) or real(self, *a))
-    got = decode.EvalTransform(113, 0.875).load(path)
+    got = Uint8Eval(113, 0.875).load(path)
     assert drafts, "the reduced-size decoder was not used"
-    expected = as_hwc(eval_transform(113, 0.875)(load_rgb(path)))
+    expected = as_hwc(pil_eval(113, 0.875)(load_rgb(path)))
     diff = np.abs(as_hwc(got) - expected)
     # libjpeg's DCT-domain downscale is a different (box-like) filter than bicubic: a level or two off
     assert diff.mean() < 2.5 and diff.max() <= 16, (diff.mean(), diff.max())
@@ -105,7 +131,8 @@ def test_large_jpeg_decodes_reduced_and_still_matches(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("reduced", [False, True])
-def test_exif_orientation_is_honoured(tmp_path, reduced):
+def test_exif_orientation_is_honoured(tmp_path, reduced, torchcodec_calls):
+    """Reduced: Pillow's draft decode, then exif_transpose. Full size: TorchCodec applies the orientation."""
     img = smooth_image(800, 600)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
@@ -114,7 +141,8 @@ def test_exif_orientation_is_honoured(tmp_path, reduced):
         out, scale = decode.decode_reduced(data, lambda w, h: (w // 2, h // 2), 2)
         assert scale == 0.5 and tuple(out.shape) == (3, 400, 300)
     else:
-        out = decode.decode_full(data)
+        out = decode_full(data)
+        assert torchcodec_calls == ["decoded"]  # TorchCodec decoded it (no fallback to Pillow)
         assert tuple(out.shape) == (3, 800, 600)
         ref = np.asarray(load_rgb(io.BytesIO(data))).astype(np.int16)
         assert np.abs(as_hwc(out) - ref).mean() < 0.5
@@ -122,10 +150,12 @@ def test_exif_orientation_is_honoured(tmp_path, reduced):
 
 @pytest.mark.parametrize("mode,ext", [("CMYK", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("P", "gif"),
                                       ("RGB", "webp")])
-def test_other_modes_and_formats_become_the_same_rgb_as_pil(tmp_path, mode, ext):
+def test_other_modes_and_formats_become_the_same_rgb_as_pil(tmp_path, mode, ext, torchcodec_calls):
     img = smooth_image(60, 40).convert(mode)
     path = save_image(img, tmp_path / f"x.{ext}")
-    out = decode.decode_full(open(path, "rb").read())
+    out = decode_full(open(path, "rb").read())
+    # greyscale and CMYK JPEGs are made RGB by TorchCodec itself; other formats never reach it
+    assert torchcodec_calls == (["decoded"] if ext == "jpg" else [])
     ref = np.asarray(load_rgb(path)).astype(np.int16)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 40, 60)
     assert np.abs(as_hwc(out) - ref).max() <= 1
@@ -140,7 +170,7 @@ def test_jpeg_size_reads_the_frame_header(tmp_path):
 
 
 def test_batches_are_uint8_channels_last_and_normalise_on_the_device(tmp_path):
-    imgs = [decode.TrainTransform(71).apply(smooth_image(90, 80, seed=s)) for s in range(3)]
+    imgs = [Uint8Train(71).apply(smooth_image(90, 80, seed=s)) for s in range(3)]
     images, targets = decode.collate([(x, i) for i, x in enumerate(imgs)])
     assert images.shape == (3, 3, 71, 71) and images.dtype == torch.uint8
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -151,23 +181,47 @@ def test_batches_are_uint8_channels_last_and_normalise_on_the_device(tmp_path):
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_fast_dataset_in_a_loader_worker(tmp_path):
-    """The worker path: shared-memory NHWC batches arrive intact in the main process."""
+def test_no_deprecation_warning_when_decoding_a_jpeg(tmp_path, torchcodec_calls):
+    """Decoding a JPEG through the uint8 transforms (TorchCodec, and the reduced Pillow path for a large
+    one) raises no DeprecationWarning: the decoder we call is not on its way out."""
+    small = open(save_image(smooth_image(120, 90), tmp_path / "s.jpg", quality=90), "rb").read()
+    large = open(save_image(smooth_image(1600, 1200), tmp_path / "l.jpg", quality=90), "rb").read()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for transform in (Uint8Train(71), Uint8Eval(71, 0.875)):
+            for data in (small, large):
+                assert transform.load_bytes(data).shape == (3, 71, 71)
+    assert "decoded" in torchcodec_calls  # the small JPEG went through TorchCodec
+    deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                    if issubclass(w.category, DeprecationWarning)]
+    assert not deprecations, deprecations
+
+
+def test_folder_loader_with_a_worker(tmp_path):
+    """The worker path, through build_loaders: shared-memory NHWC batches arrive intact in the main process."""
     from conftest import make_image_folder
-    from torch.utils.data import DataLoader
-    from xception.data import scan_split
+    from xception.data import build_loaders
+    from xception.data.folder import scan_split
+    from xception.runtime import DistContext
     root = make_image_folder(tmp_path / "d", n_train=2, n_val=1)
-    ds = decode.FastFolderDataset(scan_split(f"{root}/val"), decode.EvalTransform(71, 0.875))
-    batches = list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=ds.collate_fn))
+    cfg = Config(data_path=root, image_size=71, crop_pct=0.875, batch_size=2, workers=1, seed=0,
+                 check_data=False)
+    val = build_loaders(cfg, DistContext(torch.device("cpu")), need_train=False, log=lambda *a: None).val
+    assert len(val) == 2 and val.batch_size == 2 and val.num_samples == 3 and not val.on_device
+    batches = list(val)
     assert [b[0].shape[0] for b in batches] == [2, 1]
-    ref = [eval_transform(71, 0.875)(load_rgb(p)) for p, _ in ds.split.samples]
+    assert all(b[0].dtype == torch.uint8 and b[0].is_contiguous(memory_format=torch.channels_last)
+               for b in batches)
+    samples = scan_split(f"{root}/val").samples
+    ref = [pil_eval(71, 0.875)(load_rgb(p)) for p, _ in samples]
     got = torch.cat([b[0] for b in batches])
     assert (got.int() - torch.stack(ref).int()).abs().float().mean() < 1.0
-    assert torch.cat([b[1] for b in batches]).tolist() == [c for _, c in ds.split.samples]
+    assert torch.cat([b[1] for b in batches]).tolist() == [c for _, c in samples]
+    assert val.skipped() == 0
 
 
 def test_data_bench_prints_one_json_object(tmp_path, capsys):
-    from xception.databench import run_data_bench
+    from xception.tools.databench import run_data_bench
     args = argparse.Namespace(mode="data", data_path=None, synthetic=8, workers=0, image_size=71,
                               batch_size=2, json=True, repeats=1)
     assert run_data_bench(args) == 0
@@ -232,14 +286,14 @@ class _Recorder:
 @pytest.mark.parametrize("train", [True, False])
 def test_dali_pipeline_is_built_with_our_transforms_and_rank_sharding(monkeypatch, train):
     import sys
-    from xception import dali
-    from xception.data import Split
+    from xception.data import dali
+    from xception.data.folder import Split
     rec = _Recorder()
     for name, module in rec.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     split = Split("root", ["a", "b"], [("x/0.jpg", 0), ("x/1.jpg", 1), ("x/2.jpg", 1)])
     cfg = Config(image_size=299, crop_scale=(0.2, 0.9), crop_pct=0.875, seed=7)
-    dali.build_pipeline(split, cfg, train, batch=16, rank=1, world=4, device_id=1, threads=3)
+    dali.build_pipeline(split, cfg, train, dali.Placement(batch=16, rank=1, world=4, device_id=1, threads=3))
     ops = {name: kw for name, _, kw in rec.calls}
     assert ops["pipeline"]["batch_size"] == 16 and ops["pipeline"]["device_id"] == 1
     assert ops["pipeline"]["num_threads"] == 3 and "build" in ops
@@ -263,19 +317,23 @@ def test_dali_pipeline_is_built_with_our_transforms_and_rank_sharding(monkeypatc
 
 
 def test_dali_loader_refuses_a_cpu_run():
-    from xception.dali import make_dali_loaders
     from xception.config import UserError
-    from xception.distributed import DistContext
+    from xception.data import build_loaders
+    from xception.data.dali import dali_loaders
+    from xception.runtime import DistContext
+    cpu = DistContext(torch.device("cpu"))
     with pytest.raises(UserError, match="CUDA"):
-        make_dali_loaders(Config(data_path="x"), DistContext(torch.device("cpu")), True)
+        dali_loaders(Config(data_path="x"), cpu, True)
+    with pytest.raises(UserError, match="CUDA"):  # the same refusal through the one door
+        build_loaders(Config(data_path="x", loader="dali", image_size=71, crop_pct=0.875, seed=0), cpu, True)
 
 
 def test_dali_graph_runs_on_the_cpu_when_dali_is_installed(tmp_path):
     """The real library (where installed) runs the same graph with CPU decoding: valid operator
     arguments, per-rank shards, and eval pixels close to the PIL path."""
     pytest.importorskip("nvidia.dali")
-    from xception import dali
-    from xception.data import scan_split
+    from xception.data import dali
+    from xception.data.folder import scan_split
     for k in range(3):
         folder = tmp_path / "val" / f"c{k}"
         folder.mkdir(parents=True)
@@ -284,33 +342,71 @@ def test_dali_graph_runs_on_the_cpu_when_dali_is_installed(tmp_path):
     cfg = Config(image_size=113, crop_pct=0.875, seed=3)
     labels = []
     for rank in (0, 1):
-        out = dali.build_pipeline(split, cfg, False, 2, rank, 2, None, 1, device="cpu").run()
+        out = dali.build_pipeline(split, cfg, False, dali.Placement(2, rank, 2, None, 1, device="cpu")).run()
         images, got = np.array(out[0].as_tensor()), np.array(out[1].as_tensor()).ravel().tolist()
         shard = (3 * (rank + 1)) // 2 - (3 * rank) // 2  # DALI's contiguous shard of the 3 files
         labels += got[:shard]  # the rest of the batch is padding
-        ref = as_hwc(eval_transform(113, 0.875)(load_rgb(split.samples[got[0]][0])))
+        ref = as_hwc(pil_eval(113, 0.875)(load_rgb(split.samples[got[0]][0])))
         assert images.shape[1:] == (113, 113, 3)
         assert np.abs(images[0].astype(np.int16) - ref).mean() < 2.5
     assert sorted(labels) == [0, 1, 2]
-    train = dali.build_pipeline(split, cfg, True, 2, 0, 1, None, 1, device="cpu").run()
+    train = dali.build_pipeline(split, cfg, True, dali.Placement(2, 0, 1, None, 1, device="cpu")).run()
     assert np.array(train[0].as_tensor()).shape == (2, 113, 113, 3)
 
 
-def test_loader_choice_and_device_prefetch_wrapping(tmp_path):
+def test_loader_choice_through_build_loaders(tmp_path):
+    """--loader pil gives the Pillow reference transforms, auto the uint8 ones, and a plain image folder
+    is read by the folder pipeline (not as a shard set); both honour the Loader contract."""
     from conftest import make_image_folder
-    from xception import inputs, prefetch
     from xception.cli import build_parser, config_from_args
-    from xception.data import FolderDataset, scan_split
-    root = make_image_folder(tmp_path / "d", n_train=1, n_val=1)
-    split = scan_split(f"{root}/val")
+    from xception.data import build_loaders
+    from xception.data.folder import scan_split
+    from xception.data.loaders import FolderLoader, Loader
+    from xception.data.transforms import PilTransform
+    from xception.runtime import DistContext
+    root = make_image_folder(tmp_path / "d", n_train=2, n_val=1)
     args = build_parser().parse_args(["train", "--data_path", root, "--loader", "pil"])
     assert config_from_args(args).loader == "pil"
-    assert type(inputs.folder_dataset(split, Config(loader="pil"), train=True)) is FolderDataset
-    fast = inputs.folder_dataset(split, Config(loader="auto"), train=False)
-    assert isinstance(fast, decode.FastFolderDataset) and isinstance(fast.transform, decode.EvalTransform)
-    assert inputs.streamed_loaders(Config(data_path=root), None, True) is None  # a plain image folder
-    loader = [1, 2, 3]
-    assert prefetch.for_device(loader, torch.device("cpu")) is loader  # nothing to overlap on the CPU
-    wrapped = prefetch.CudaPrefetcher(type("L", (), {"sampler": "s", "batch_size": 4, "__len__": lambda s: 7})(),
-                                      torch.device("cuda", 0))
-    assert len(wrapped) == 7 and wrapped.sampler == "s" and wrapped.batch_size == 4
+    ctx = DistContext(torch.device("cpu"))
+    samples = scan_split(f"{root}/val").samples
+    for loader, train_type, eval_type, reference in (("pil", PilTransform, PilTransform, pil_eval(71, 0.875)),
+                                                     ("auto", Uint8Train, Uint8Eval, Uint8Eval(71, 0.875))):
+        cfg = Config(data_path=root, loader=loader, image_size=71, crop_pct=0.875, batch_size=2, workers=0,
+                     seed=0, check_data=False)
+        loaders = build_loaders(cfg, ctx, need_train=True, log=lambda *a: None)
+        assert loaders.classes == ["cat", "dog", "fox"] and loaders.skipped == 0
+        for part in (loaders.train, loaders.val):
+            assert isinstance(part, FolderLoader) and isinstance(part, Loader)  # not a shard set
+        assert type(loaders.train.dataset.transform) is train_type
+        assert type(loaders.val.dataset.transform) is eval_type
+        assert len(loaders.train) == 3 and loaders.train.num_samples == 6 and loaders.train.batch_size == 2
+        loaders.train.set_epoch(0)
+        assert all(x.shape == (2, 3, 71, 71) and x.dtype == torch.uint8 for x, _ in loaders.train)
+        # the eval pixels are exactly those of the chosen transform family
+        got = torch.cat([x for x, _ in loaders.val])
+        assert torch.equal(got, torch.stack([reference.load(p) for p, _ in samples]))
+    assert build_loaders(Config(data_path=root, image_size=71, crop_pct=0.875, seed=0, workers=0, batch_size=2,
+                                check_data=False), ctx, need_train=False, log=lambda *a: None).train is None
+
+
+def test_prefetch_is_a_pass_through_off_cuda():
+    from xception.data.loaders import prefetch
+    batches = [(torch.arange(3), torch.tensor([1])), (torch.arange(2), torch.tensor([0]))]
+    out = prefetch(iter(batches), torch.device("cpu"))
+    assert not isinstance(out, list) and iter(out) is out  # a generator: lazy, one batch at a time
+    got = list(out)
+    assert len(got) == 2 and all(g is b for g, b in zip(got, batches))  # the very same batches, no copy
+    assert list(prefetch(iter([]), torch.device("cpu"))) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetch_copies_batches_to_the_gpu_in_order():
+    from xception.data.loaders import prefetch
+    device = torch.device("cuda", 0)
+    batches = [(torch.full((2, 3), k, dtype=torch.uint8).pin_memory(), torch.tensor([k]), f"tag{k}")
+               for k in range(4)]
+    got = list(prefetch(iter(batches), device))
+    assert len(got) == 4
+    for k, (x, t, tag) in enumerate(got):
+        assert x.device == device and t.device == device and tag == f"tag{k}"
+        assert torch.equal(x.cpu(), batches[k][0]) and t.item() == k

@@ -1,6 +1,6 @@
-"""WebDataset shards (shards.py): `xception prepare` (index, re-encoding, resume) and reading them with
-every sample at most once per epoch across ranks x workers, exactly once where the counts divide, the
-same number of steps on every rank, and every validation sample exactly once."""
+"""WebDataset shards (tools/prepare.py, data/shards.py): `xception prepare` (index, re-encoding, resume)
+and reading them with every sample at most once per epoch across ranks x workers, exactly once where the
+counts divide, the same number of steps on every rank, and every validation sample exactly once."""
 
 import json
 import os
@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder, one_line_error, run_cli
-from xception import shards
-from xception.config import Config, UserError
-from xception.decode import EvalTransform, TrainTransform
-from xception.distributed import DistContext
+from xception.config import Config, ShardSettings, UserError
+from xception.data import build_loaders, shards
+from xception.data.loaders import Loader
+from xception.data.transforms import Uint8Eval, Uint8Train
+from xception.runtime import DistContext
+from xception.tools import prepare as prep
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,8 @@ def shard_set(tmp_path_factory):
     for name in ("b", "c", "d"):
         os.remove(os.path.join(data, "val", name, "0.jpg"))
     out = str(root / "shards")
-    index = shards.prepare(data, out, max_size=64, quality=90, shard_size=3, min_shards=8, workers=1,
-                           log=lambda *a: None)
+    index = prep.prepare(data, out, ShardSettings(max_size=64, quality=90, shard_size=3, min_shards=8), workers=1,
+                         log=lambda *a: None)
     return data, out, index
 
 
@@ -58,7 +60,7 @@ def test_prepare_writes_shards_and_an_index(shard_set):
 def test_prepare_resumes_after_an_interruption(tmp_path, shard_set, monkeypatch):
     data, _, finished_index = shard_set
     out = str(tmp_path / "out")
-    real, calls = shards.encode, []
+    real, calls = prep.encode, []
 
     def dies_on_the_eighth(*a):
         calls.append(1)
@@ -66,9 +68,10 @@ def test_prepare_resumes_after_an_interruption(tmp_path, shard_set, monkeypatch)
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(shards, "encode", dies_on_the_eighth)
+    monkeypatch.setattr(prep, "encode", dies_on_the_eighth)
+    settings = ShardSettings(max_size=64, shard_size=3, min_shards=8)
     with pytest.raises(KeyboardInterrupt):
-        shards.prepare(data, out, max_size=64, shard_size=3, min_shards=8, workers=1, log=lambda *a: None)
+        prep.prepare(data, out, settings, workers=1, log=lambda *a: None)
     with open(os.path.join(out, "index.json")) as f:
         partial = json.load(f)
     done = [s["name"] for s in partial["splits"]["train"]["shards"]]
@@ -76,31 +79,32 @@ def test_prepare_resumes_after_an_interruption(tmp_path, shard_set, monkeypatch)
     with pytest.raises(UserError, match="not finished"):
         shards.read_index(out)
     before = os.stat(os.path.join(out, done[0])).st_mtime_ns
-    monkeypatch.setattr(shards, "encode", real)
-    index = shards.prepare(data, out, max_size=64, shard_size=3, min_shards=8, workers=1, log=lambda *a: None)
+    monkeypatch.setattr(prep, "encode", real)
+    index = prep.prepare(data, out, settings, workers=1, log=lambda *a: None)
     assert os.stat(os.path.join(out, done[0])).st_mtime_ns == before  # finished shards are kept
     assert index["splits"] == finished_index["splits"] and index["complete"]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     with pytest.raises(UserError, match="other settings"):
-        shards.prepare(data, out, max_size=32, shard_size=3, min_shards=8, workers=1, log=lambda *a: None)
+        prep.prepare(data, out, ShardSettings(max_size=32, shard_size=3, min_shards=8), workers=1,
+                     log=lambda *a: None)
 
 
 def stream(out, index, train, rank, world, workers, batch, seed=5):
-    ShardStream = shards._torch_dataset()
     split = index["splits"]["train" if train else "val"]
-    transform = TrainTransform(71) if train else EvalTransform(71, 0.875)
-    return ShardStream(out, split, transform, batch, train, rank, world, workers, seed=seed, with_keys=True)
+    transform = Uint8Train(71) if train else Uint8Eval(71, 0.875)
+    s = shards.ShardStream(out, split, transform, batch, train, shards.Slots(rank, world, workers, seed=seed))
+    s.with_keys = True
+    return s
 
 
 def run_epoch(streams, epoch, monkeypatch):
     """Every rank's batches, each rank's workers run in turn in this process (their ids faked)."""
-    import torch.utils.data as tud
     per_rank = []
     for s in streams:
         s.set_epoch(epoch)
         batches = []
         for worker in range(s.workers):
-            monkeypatch.setattr(tud, "get_worker_info", lambda w=worker: type("I", (), {"id": w})())
+            monkeypatch.setattr(shards, "get_worker_info", lambda w=worker: type("I", (), {"id": w})())
             batches += list(s)
         per_rank.append(batches)
     monkeypatch.undo()
@@ -140,16 +144,20 @@ def test_validation_reads_every_sample_exactly_once(shard_set, monkeypatch, worl
 
 
 def test_loaders_with_real_workers_and_a_url(shard_set):
-    """Through make_shard_loaders: torch's DataLoader with 2 persistent workers over 2 epochs, the
+    """Through build_loaders: torch's DataLoader with 2 persistent workers over 2 epochs, the
     index read through a file:// URL as for a remote shard set."""
     data, out, index = shard_set
-    cfg = Config(data_path="file://" + os.path.abspath(out), batch_size=3, workers=2, image_size=71, seed=1)
+    cfg = Config(data_path="file://" + os.path.abspath(out), batch_size=3, workers=2, image_size=71,
+                 crop_pct=0.875, seed=1)
     ctx = DistContext(device=torch.device("cpu"))
-    classes, train, val = shards.make_shard_loaders(cfg, ctx, need_train=True, log=lambda *a: None)
-    assert classes == ["a", "b", "c", "d"] and len(train) == 8 and len(train.dataset) == 24
+    loaders = build_loaders(cfg, ctx, need_train=True, log=lambda *a: None)
+    classes, train, val = loaders.classes, loaders.train, loaders.val
+    assert isinstance(train, shards.ShardLoader) and isinstance(val, Loader)
+    assert classes == ["a", "b", "c", "d"] and len(train) == 8 and train.num_samples == 24
+    assert train.batch_size == 3 and val.num_samples == 9 and loaders.skipped == 0
     seen = []
     for epoch in (0, 1):
-        train.sampler.set_epoch(epoch)
+        train.set_epoch(epoch)
         batches = list(train)
         assert len(batches) == 8 and all(x.dtype == torch.uint8 and x.shape == (3, 3, 71, 71) for x, _ in batches)
         seen.append(torch.cat([x.flatten(1).float().mean(1) for x, _ in batches]))
@@ -167,9 +175,9 @@ def test_shard_set_detection_and_errors(shard_set, tmp_path):
     bad.write_text("{}")
     with pytest.raises(UserError, match="not an index"):
         shards.read_index(str(tmp_path))
-    cfg = Config(data_path=out, batch_size=32, workers=0, image_size=71)
+    cfg = Config(data_path=out, batch_size=32, workers=0, image_size=71, crop_pct=0.875, seed=0)
     with pytest.raises(UserError, match="too few training samples"):  # 6 samples per rank < 8 per batch
-        shards.make_shard_loaders(cfg, DistContext(torch.device("cpu"), rank=0, world_size=4), True, lambda *a: None)
+        build_loaders(cfg, DistContext(torch.device("cpu"), rank=0, world_size=4), True, log=lambda *a: None)
 
 
 def test_prepare_cli_and_train_cli_on_shards(shard_set, tmp_path):

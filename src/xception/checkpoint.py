@@ -1,26 +1,31 @@
-"""Checkpoints: atomic writes, safe loads (weights_only), portable state dicts."""
+"""The one owner of the checkpoint format: what a checkpoint holds (`Checkpoint`), how it is written
+(atomically) and how it is read (weights_only, so a crafted file cannot run code).
+
+Format "xception-checkpoint", version 1: a dict of plain types and tensors with the keys below. Files
+written before the version key existed are version 1 too. Everything else in the package reads and writes
+checkpoints through `Checkpoint`, never through the dict's keys.
+"""
 
 from __future__ import annotations
 
-import os
+import math
 import pickle
-import shutil
-import tempfile
 import zipfile
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
-from .config import UserError
+from .config import CHECKPOINT_NAME, UserError, check_file
+from .files import atomic_write
 
 FORMAT = "xception-checkpoint"
-CHECKPOINT_NAME = "checkpoint.pth.tar"
-BEST_NAME = "model_best.pth.tar"
+VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain Xception inside DDP and/or torch.compile wrappers."""
+    """The plain model inside DDP and/or torch.compile wrappers."""
     while True:
         if hasattr(model, "module"):
             model = model.module
@@ -31,7 +36,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def clean_state_dict(state: dict) -> dict:
-    """Drop wrapper prefixes so a checkpoint loads whatever wrapped the model that wrote it."""
+    """Drop wrapper prefixes so a state dict loads whatever wrapped the model that wrote it."""
     out = {}
     for key, value in state.items():
         changed = True
@@ -44,56 +49,70 @@ def clean_state_dict(state: dict) -> dict:
     return out
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+@dataclass
+class Checkpoint:
+    """A training run's state after `epoch` epochs (and `epoch_step` steps of the next one, when a signal
+    stopped it mid-epoch). `model` is a plain state dict (no wrapper prefixes)."""
+
+    model: dict
+    epoch: int = 0
+    arch: str = "xception"
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    best_acc1: float = -math.inf
+    args: dict = field(default_factory=dict)  # the run's Config.to_dict()
+    class_names: list | None = None
+    keras_exact: bool = False  # Keras numerics (BatchNorm eps 1e-3, TF "same" max-pools)
+    epoch_step: int = 0  # steps done of epoch `epoch + 1` (a mid-epoch stop), else 0
+    rng: list | None = None  # every rank's random streams at a mid-epoch stop, in rank order
+
+    def to_dict(self) -> dict:
+        out = {"format": FORMAT, "version": VERSION}
+        out.update({f.name: getattr(self, f.name) for f in fields(self)})
+        out["model"] = clean_state_dict(self.model)
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict, source: str) -> "Checkpoint":
+        """Our dict (any version up to VERSION). Refuses another program's file or a newer version."""
+        if obj.get("format") != FORMAT:
+            raise UserError(f"{source}: not a checkpoint written by xception train")
+        version = int(obj.get("version", 1))
+        if version > VERSION:
+            raise UserError(f"{source}: checkpoint format version {version} is newer than this xception "
+                            f"reads ({VERSION}); upgrade xception")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in obj.items() if k in known and v is not None}
+        if not is_state_dict(values.get("model")):
+            raise UserError(f"{source}: the checkpoint holds no model state dict")
+        values["model"] = clean_state_dict(values["model"])
+        return cls(**values)
+
+    @property
+    def resumable(self) -> bool:
+        return self.optimizer is not None and self.scheduler is not None
+
+    def save(self, path: str) -> None:
+        atomic_write(path, lambda f: torch.save(self.to_dict(), f))
+
+    @classmethod
+    def load(cls, path: str, flag: str = "--resume") -> "Checkpoint":
+        return cls.from_dict(load_file(path, flag), f"{flag} {path}")
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment leaves
-    either the old file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+def is_checkpoint(obj: dict) -> bool:
+    return obj.get("format") == FORMAT
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def copy_atomic(src: str, dst: str) -> None:
-    def write(f):
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f, 1 << 20)
-    _atomic_write(dst, write)
-
-
-def load_checkpoint(path: str, flag: str = "--resume") -> dict:
-    """Load with weights_only=True: tensors and plain containers only, so a crafted pickle cannot run code."""
-    if not os.path.exists(path):
-        raise UserError(f"{flag} {path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a folder; give a checkpoint file such as {CHECKPOINT_NAME}")
+def load_file(path: str, flag: str = "--resume") -> dict:
+    """A dict saved with torch.save (ours, or a foreign state dict), loaded with weights_only=True: tensors
+    and plain containers only."""
+    check_file(path, flag, f"a checkpoint file such as {CHECKPOINT_NAME}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -101,7 +120,7 @@ def load_checkpoint(path: str, flag: str = "--resume") -> dict:
         wanted = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
         if not wanted:
             raise UserError(f"{flag} {path}: not a readable checkpoint (not a file written by torch.save); "
-                            f"give a checkpoint.pth.tar written by xception train")
+                            f"give a {CHECKPOINT_NAME} written by xception train")
         raise UserError(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
                         f"({wanted[0][:200]}), which could run code when loaded; only load checkpoints you "
                         f"trust and wrote yourself")
@@ -111,38 +130,3 @@ def load_checkpoint(path: str, flag: str = "--resume") -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{flag} {path}: not a checkpoint (holds a {type(obj).__name__}, not a dict)")
     return obj
-
-
-def model_state(obj: dict) -> dict:
-    """The model's state dict from one of our checkpoints or from a bare state dict."""
-    state = obj.get("model", obj.get("state_dict", obj))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError("the file holds no model state dict")
-    return clean_state_dict(state)
-
-
-def load_weights(model: nn.Module, state: dict, source: str, allow_new_head: bool = True) -> list:
-    """Load `state` into `model`. A classifier of another class count is left at its fresh initialisation
-    (fine-tuning) and reported; any other missing, unexpected or mis-shaped tensor is a clear error."""
-    own = model.state_dict()
-    skipped = []
-    if allow_new_head:
-        for key in ("fc.weight", "fc.bias"):
-            if key in state and key in own and state[key].shape != own[key].shape:
-                skipped.append(key)
-    state = {k: v for k, v in state.items() if k not in skipped}
-    for key, value in state.items():
-        if key in own and value.shape != own[key].shape:
-            raise UserError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the model expects "
-                            f"{tuple(own[key].shape)}; is this an Xception checkpoint?")
-    missing = sorted(set(own) - set(state) - set(skipped))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unknown tensor(s), e.g. {unexpected[0]}")
-        raise UserError(f"{source}: does not match the Xception model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=False)
-    return skipped

@@ -1,35 +1,90 @@
-"""All settings of a run, in one dataclass that the CLI fills and every module receives explicitly."""
+"""All settings of a run in one dataclass, which the CLI fills and every part receives explicitly; the
+user-error type and the exit codes; and the constants that more than one part of the package needs.
+
+This module is the bottom floor: it imports nothing of ours and no third-party library.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
+# The model's input: what the original weights expect (Chollet 2017; Keras and timm agree).
+DEFAULT_IMAGE_SIZE = 299
+MIN_INPUT_SIZE = 71  # the smallest input on which every stride-2 stage still has a pixel (as in Keras)
 DEFAULT_CROP_PCT = 0.8975  # timm's eval crop for Xception: 299 / 0.8975 -> resize 333, crop 299
+PIXEL_MEAN = PIXEL_STD = 0.5  # pixels scaled to [-1, 1]: x / 127.5 - 1
+
+# File names in an output folder.
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+METRICS_NAME = "metrics.csv"
+
+LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (data/__init__.py)
+DEFAULT_OPSET = 17  # ONNX opset of `xception export`
+
+# Exit codes. 0: done.
+EXIT_FAILED_RANK = 1  # a process of a multi-process job failed (the launcher names it)
+EXIT_USER = 2  # a mistake of the user's: a flag, a path, a data file, a checkpoint
+EXIT_NONFINITE = 3  # the loss stopped being finite: lower --lr, or resume from the last good checkpoint
+EXIT_WRITE = 74  # EX_IOERR: a file could not be written (disk full, quota, permissions)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a resumable checkpoint; run again with --resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C
 
 
 class UserError(Exception):
-    """A mistake of the user's (bad path, flag or file): printed as one line, never as a traceback."""
+    """Something the user can mend (bad path, flag or file, a full disk): printed as one line, never as
+    a traceback, and the process exits with `exit_code`."""
 
-    def __init__(self, message: str, exit_code: int = 2):
+    def __init__(self, message: str, exit_code: int = EXIT_USER):
         super().__init__(message)
         self.exit_code = exit_code
 
 
-LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (inputs.py)
+def check_file(path: str, flag: str, give: str) -> None:
+    """Refuse a path given for `flag` that is missing or a folder; `give` says what to give instead."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; give {give}")
+
+
+def derive_seed(*parts: int) -> int:
+    """One seed from several integers (run seed, rank, epoch, worker slot ...): distinct tuples give
+    distinct streams, and the same tuple the same stream after a resume. derive_seed(0, 0, e) == e."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2 ** 63)
+    return seed
+
+
+@dataclass
+class ShardSettings:
+    """How `xception prepare` writes a shard set (recorded in its index.json)."""
+    max_size: int = 384  # short side at most this many pixels; 0 keeps the size
+    quality: int = 90  # Pillow, 4:2:0 chroma: visually lossless for training, ~40 KB at 384 px
+    shard_size: int = 1000  # samples per shard at most
+    min_shards: int = 64  # enough for 8 ranks x 8 workers without idle slots
+
+    def check(self) -> None:
+        if self.shard_size < 1 or self.min_shards < 1 or self.max_size < 0 or not 1 <= self.quality <= 100:
+            raise UserError("--shard-size and --min-shards must be positive, --max-size 0 or more, --quality 1..100")
+
 
 @dataclass
 class Config:
     # data
     data_path: str = ""
-    image_size: int = 299
-    crop_pct: float = DEFAULT_CROP_PCT
+    image_size: Optional[int] = None  # None: DEFAULT_IMAGE_SIZE, or for eval the weights' own
+    crop_pct: Optional[float] = None  # None: DEFAULT_CROP_PCT, or for eval the weights' own
     crop_scale: tuple = (0.08, 1.0)
     hflip: bool = True
     workers: int = 4
-    loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali (inputs.py)
+    loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali
+    skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
+    check_data: bool = True  # decode-check every image (not checked before) ahead of the first epoch
     # optimisation
     epochs: int = 90
     steps_per_epoch: Optional[int] = None  # cut each epoch short (performance runs)
@@ -41,82 +96,46 @@ class Config:
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
     drop_rate: float = 0.0
-    # precision
+    freeze_epochs: int = 0  # train only the classifier for the first K epochs
+    max_nonfinite_steps: int = 10  # with fp16 loss scaling: stop after this many non-finite losses in a row
+    # precision and layout
     amp: bool = False
     amp_dtype: str = "float16"
     loss_scale: Optional[str] = None  # a number, or "dynamic"; None means dynamic
-    # run
-    device: str = "auto"
-    dist_backend: Optional[str] = None
-    sync_bn: bool = False
-    output_dir: str = "."
-    resume: Optional[str] = None
-    evaluate: bool = False
-    seed: Optional[int] = None
-    print_freq: int = 10
-    case_name: Optional[str] = None
     channels_last: Optional[bool] = None  # None: the measured default for the device
     # torch.compile. Off: on CPU the compiled training step measured slower (12.5 vs 14.1 img/s at 128 px,
     # after a 58 s compile) and frozen inference 15% faster after 13 s of compiling, which pays off only
     # past ~600 images (docs/performance.md); not measured on a GPU yet (benchmarks/gpu.sh does).
     compile: bool = False
+    # run
+    device: str = "auto"
+    dist_backend: Optional[str] = None
+    sync_bn: bool = False
+    output_dir: str = "."
+    resume: Optional[str] = None  # a checkpoint; for eval also an .onnx file; "auto" for train
     pretrained: Optional[str] = None
-    # faults (datacheck.py, preempt.py)
-    skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
-    check_data: bool = True  # decode-check every image before the first epoch
-    max_nonfinite_steps: int = 10  # with fp16 loss scaling: stop after this many non-finite losses in a row
-    # interop and deployment (weights.py, finetune.py, observe.py, evalreport.py)
-    freeze_epochs: int = 0  # train only the classifier for the first K epochs
+    evaluate: bool = False
+    seed: Optional[int] = None
+    print_freq: int = 10
+    case_name: Optional[str] = None
     tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
     eval_report: bool = False  # xception eval --report: per-class accuracy and confusion matrix
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain types only, so a checkpoint holding it loads with weights_only=True."""
-        out = {}
-        for key, value in dataclasses.asdict(self).items():
-            out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
 
     def validate(self, world_size: int = 1) -> None:
-        checks = [
-            (self.epochs > 0, f"--epochs must be a positive number, got {self.epochs}"),
-            (self.steps_per_epoch is None or self.steps_per_epoch > 0,
-             f"--steps-per-epoch must be a positive number, got {self.steps_per_epoch}"),
-            (self.stop_after_epochs is None or self.stop_after_epochs > 0,
-             f"--stop-after-epochs must be a positive number, got {self.stop_after_epochs}"),
-            (self.batch_size > 0, f"--batch-size must be a positive number, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
-            (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
-            (self.loader in LOADERS,
-             f"--loader must be auto, pil, tv or dali, got {self.loader!r}"),
-            (self.momentum >= 0, f"--momentum must be 0 or more, got {self.momentum}"),
-            (self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
-            (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
-            (self.image_size >= 71, f"--image-size must be at least 71 (the model's minimum), "
-                                    f"got {self.image_size}"),
-            (0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}"),
-            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-             f"--crop-scale needs 0 < MIN <= MAX <= 1, got {self.crop_scale[0]} {self.crop_scale[1]}"),
-            (self.print_freq > 0, f"--print-freq must be a positive number, got {self.print_freq}"),
-            (self.max_nonfinite_steps > 0,
-             f"--max-nonfinite-steps must be a positive number, got {self.max_nonfinite_steps}"),
-            (self.freeze_epochs >= 0, f"--freeze-epochs must be 0 or more, got {self.freeze_epochs}"),
-            (self.amp_dtype in ("float16", "bfloat16"),
-             f"--amp-dtype must be float16 or bfloat16, got {self.amp_dtype}"),
-            (self.batch_size % world_size == 0,
-             f"--batch-size {self.batch_size} is the global batch and must divide evenly by the "
-             f"{world_size} processes; use a multiple of {world_size}"),
-        ]
-        for ok, message in checks:
+        """Refuse a bad setting with one line naming the flag."""
+        for ok, message in self._checks(world_size):
             if not ok:
                 raise UserError(message)
         for flag, path in (("--resume", self.resume), ("--pretrained", self.pretrained)):
-            if path and not os.path.isfile(path) and not (flag == "--resume" and path == "auto"):
-                what = "is a folder; give a checkpoint file" if os.path.isdir(path) else "no such file"
-                raise UserError(f"{flag} {path}: {what}")
+            if path and not (flag == "--resume" and path == "auto"):
+                check_file(path, flag, "a checkpoint file")
         if self.loss_scale not in (None, "dynamic"):
             try:
                 scale = float(self.loss_scale)
@@ -124,3 +143,32 @@ class Config:
                 raise UserError(f"--loss-scale must be a number or 'dynamic', got {self.loss_scale!r}")
             if scale <= 0:
                 raise UserError(f"--loss-scale must be positive, got {self.loss_scale}")
+
+    def _checks(self, world_size: int) -> list:
+        def positive(flag: str, value) -> tuple:
+            return value is None or value > 0, f"{flag} must be a positive number, got {value}"
+
+        def at_least_zero(flag: str, value) -> tuple:
+            return value >= 0, f"{flag} must be 0 or more, got {value}"
+
+        return [
+            positive("--epochs", self.epochs), positive("--steps-per-epoch", self.steps_per_epoch),
+            positive("--stop-after-epochs", self.stop_after_epochs), positive("--batch-size", self.batch_size),
+            positive("--lr", self.lr), positive("--print-freq", self.print_freq),
+            positive("--max-nonfinite-steps", self.max_nonfinite_steps),
+            at_least_zero("--workers", self.workers), at_least_zero("--momentum", self.momentum),
+            at_least_zero("--weight-decay", self.weight_decay), at_least_zero("--warmup-epochs", self.warmup_epochs),
+            at_least_zero("--freeze-epochs", self.freeze_epochs),
+            (self.loader in LOADERS, f"--loader must be {', '.join(LOADERS)}, got {self.loader!r}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
+            (self.image_size is None or self.image_size >= MIN_INPUT_SIZE,
+             f"--image-size must be at least {MIN_INPUT_SIZE} (the model's minimum), got {self.image_size}"),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+             f"--crop-scale needs 0 < MIN <= MAX <= 1, got {self.crop_scale[0]} {self.crop_scale[1]}"),
+            (self.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype must be float16 or bfloat16, got {self.amp_dtype}"),
+            (self.batch_size % world_size == 0,
+             f"--batch-size {self.batch_size} is the global batch and must divide evenly by the "
+             f"{world_size} processes; use a multiple of {world_size}"),
+        ]

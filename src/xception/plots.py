@@ -1,15 +1,10 @@
-"""Pictures of a run: training curves from metrics.csv, and the confusion matrix of an evaluation.
-
-matplotlib is imported inside the functions, on its file-only Agg backend (no display needed).
-`xception plot OUTPUT_DIR` redraws curves.png from a run's metrics.csv.
-"""
+"""Pictures of a run: training curves from its metrics (report.py reads metrics.csv), and the confusion
+matrix of an evaluation. matplotlib (optional: the `interop` extra) is imported inside the functions, on its
+file-only Agg backend (no display needed). PNGs are written atomically (files.py)."""
 
 from __future__ import annotations
 
-import csv
-import os
-
-from .config import UserError
+from .files import atomic_write
 
 CURVES_NAME = "curves.png"
 FULL_MATRIX_MAX_CLASSES = 30  # up to this many classes the matrix is drawn with names and counts
@@ -23,34 +18,17 @@ def _pyplot():
     return plt
 
 
-def read_metrics(path: str) -> dict:
-    """metrics.csv -> {column: [float or None, ...]}, rows sorted by epoch (a resumed run may repeat one:
-    the last row of an epoch wins)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file; give the --output-dir of a training run (it holds metrics.csv)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    by_epoch = {}
-    for row in rows:
-        try:
-            by_epoch[int(float(row["epoch"]))] = row
-        except (KeyError, TypeError, ValueError):
-            continue
-    if not by_epoch:
-        raise UserError(f"{path}: holds no epoch rows yet; plot after the first epoch has finished")
-    ordered = [by_epoch[e] for e in sorted(by_epoch)]
-
-    def num(text):
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return None
-    return {key: [num(r.get(key)) for r in ordered] for key in ordered[0]}
+def _save(fig, out: str) -> str:
+    """Write the figure (atomically) and free it."""
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        _pyplot().close(fig)
+    return out
 
 
-def write_curves(output_dir: str, out: str | None = None) -> str:
-    """Draw loss, top-1/top-5, learning rate and img/s against epoch into OUTPUT_DIR/curves.png."""
-    m = read_metrics(os.path.join(output_dir, "metrics.csv"))
+def write_curves(m: dict, title: str, out: str) -> str:
+    """Draw loss, top-1/top-5, learning rate and img/s against epoch (`m`: metrics columns) into `out`."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -78,29 +56,10 @@ def write_curves(output_dir: str, out: str | None = None) -> str:
         if len(series) > 1:
             ax.legend()
     best = max((v, e) for e, v in zip(epochs, m.get("top1", [])) if v is not None) if m.get("top1") else None
-    fig.suptitle(f"{os.path.abspath(output_dir)}: {len(epochs)} epoch(s)"
+    fig.suptitle(f"{title}: {len(epochs)} epoch(s)"
                  + (f", best top-1 {best[0]:.2f}% at epoch {best[1]:.0f}" if best else ""))
     fig.tight_layout()
-    out = out or os.path.join(output_dir, CURVES_NAME)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def curves_at_end(output_dir: str, log=print) -> str | None:
-    """After training: write curves.png, or say in one line why not."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        log("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
-        return None
-    try:
-        path = write_curves(output_dir)
-    except (UserError, OSError, ValueError) as e:
-        log(f"curves.png skipped: {e}")
-        return None
-    log(f"training curves: {path}")
-    return path
+    return _save(fig, out)
 
 
 def most_confused(confusion, class_names, n: int = 20) -> list:
@@ -157,26 +116,9 @@ def write_confusion(confusion, class_names, out: str, title: str = "") -> str:
     acc = np.trace(c) / max(c.sum(), 1) * 100
     fig.suptitle((title + ": " if title else "") + f"top-1 {acc:.2f}% over {int(c.sum())} images")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _short(name, width: int = 28) -> str:
     name = str(name)
     return name if len(name) <= width else name[:width - 1] + "~"
-
-
-# `xception plot`
-def add_arguments(p) -> None:
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output-dir (holds metrics.csv)")
-    p.add_argument("--out", default=None, metavar="FILE", help="where to write the PNG (default OUTPUT_DIR/curves.png)")
-
-
-def run(args) -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("xception plot needs matplotlib (pip install matplotlib)")
-    print(f"wrote {write_curves(args.output_dir, args.out)}")
-    return 0

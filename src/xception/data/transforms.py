@@ -1,16 +1,18 @@
-"""The fast CPU input path (`--loader tv`, the default): bytes -> RGB uint8 -> crop, resize, flip, all in
-uint8, never float, and batches collated channels-last.
+"""Image files -> 3xHxW uint8 tensors: the decoders, and the two families of transforms, which both
+read a file (`load(path)`) or its bytes (`load_bytes(data)`):
 
-Decoder choice (measured, docs/performance.md "Input pipeline"): torchvision.io.decode_jpeg (libjpeg-turbo,
-EXIF orientation applied, greyscale expanded to RGB) for JPEGs; Pillow with reduced-size DCT decoding
-(Image.draft) when the pixels needed are at most half the stored size in both directions; Pillow
-(data.load_rgb) for every other format and for CMYK JPEGs. Crop parameters come from torchvision's own
-RandomResizedCrop, resizing is torchvision's antialiased uint8 kernel (the same filter as PIL's), so the
+* `Uint8Train` / `Uint8Eval` (`--loader tv`, the default): decode, crop, resize and flip in uint8, never
+  float, with the sample's memory channels-last (HxWx3): the antialiased uint8 resize is ~2.5x faster on
+  that layout, the collated batch is NHWC, and the device-side conversion to a channels_last float batch
+  (loaders.to_device) then needs no transpose.
+* `pil_train` / `pil_eval` (`--loader pil`): the reference, Pillow + torchvision transforms v2.
+
+Decoder choice (measured, docs/performance.md "Input pipeline"): TorchCodec's decode_jpeg (libjpeg-turbo,
+EXIF orientation applied, greyscale and CMYK made RGB exactly as Pillow does) for JPEGs; Pillow with
+reduced-size DCT decoding (Image.draft) when the pixels needed are at most half the stored size in both
+directions; Pillow (`load_rgb`) for every other format. Crop parameters come from torchvision's own
+RandomResizedCrop and resizing is torch's antialiased uint8 kernel (the same filter as PIL's), so the
 augmentation is the reference one.
-
-Each sample is a 3xHxW uint8 tensor whose memory is HxWx3 (channels-last): the antialiased uint8 resize
-is ~2.5x faster on that layout, the collated batch is NHWC, and the device-side conversion to a
-channels_last float batch (data.to_device) then needs no transpose.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import io
 import math
 import struct
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import get_worker_info
 from torchvision import transforms as v1
-try:  # deprecated in torchvision 0.29 in favour of TorchCodec; Pillow decodes if it ever goes
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover
-    decode_jpeg = None
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .data import FolderDataset, eval_resize_size, load_rgb
+try:  # TorchCodec is a dependency; should its wheel be missing on a platform, Pillow decodes everything
+    from torchcodec.decoders import decode_jpeg
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range, as in the reference transform
@@ -37,8 +41,23 @@ ORIENTATION = 0x0112
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def load_rgb(path) -> Image.Image:
+    """Open any supported image (a path or a file object) as RGB, honouring the EXIF orientation (as a
+    camera shows the photo); 16-bit images are scaled to 8 bits, palettes resolved through RGBA."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16") or img.mode == "I":
+            img = img.point(lambda v: v * (1 / 256)).convert("L")  # 16-bit -> 8-bit, not clipped
+        elif img.mode == "P":
+            img = img.convert("RGBA")  # palette transparency is resolved through RGBA
+        return img.convert("RGB")
+
+
+def eval_resize_size(image_size: int, crop_pct: float) -> int:
+    return int(image_size / crop_pct)
+
+
 def _pil_to_hwc(img: Image.Image) -> torch.Tensor:
-    import numpy as np
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
@@ -72,19 +91,13 @@ def _jpeg(data: bytes) -> torch.Tensor:
     if decode_jpeg is None:
         return _pil(data)
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                           apply_exif_orientation=True)
-    except RuntimeError:  # a JPEG libjpeg-turbo refuses through torchvision: Pillow copes, or says why
+        return decode_jpeg(data, mode="RGB")  # applies the EXIF orientation
+    except RuntimeError:  # a JPEG libjpeg-turbo refuses through TorchCodec: Pillow copes, or says why
         return _pil(data)
 
 
 def _pil(data: bytes) -> torch.Tensor:
     return _chw(_pil_to_hwc(load_rgb(io.BytesIO(data))))
-
-
-def decode_full(data: bytes) -> torch.Tensor:
-    """Any image file's bytes -> 3xHxW uint8 (HWC memory), EXIF orientation applied."""
-    return _jpeg(data) if data[:3] == JPEG_MAGIC else _pil(data)
 
 
 def decode_reduced(data: bytes, need, floor: int) -> tuple:
@@ -120,20 +133,23 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)[0]
 
 
-class _BytesTransform:
-    """A transform that decodes the file's bytes itself (so that it can decode at a reduced size)."""
+class FileTransform:
+    """A transform that reads the file itself, so that it can choose the decoder and the decoded size."""
 
     def load(self, path: str) -> torch.Tensor:
         with open(path, "rb") as f:
             return self.load_bytes(f.read())
 
+    def load_bytes(self, data: bytes) -> torch.Tensor:
+        raise NotImplementedError
 
-class TrainTransform(_BytesTransform):
+
+class Uint8Train(FileTransform):
     """RandomResizedCrop(size, scale, 3/4..4/3, bilinear, antialias) + p=0.5 horizontal flip, on uint8.
-    Callable on a path or on a decoded PIL image (the reference's input)."""
+    Also callable on a decoded PIL image or uint8 tensor (`apply`)."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), hflip: bool = True, reduce: bool = True):
-        self.size, self.scale, self.hflip, self.reduce = size, tuple(scale), hflip, reduce
+    def __init__(self, size: int, scale=(0.08, 1.0), hflip: bool = True):
+        self.size, self.scale, self.hflip = size, tuple(scale), hflip
 
     def crop_params(self, height: int, width: int) -> tuple:
         """(top, left, h, w): torchvision's own RandomResizedCrop sampler, on torch's random stream."""
@@ -141,8 +157,6 @@ class TrainTransform(_BytesTransform):
                                                list(self.scale), list(RATIO))
 
     def load_bytes(self, data: bytes) -> torch.Tensor:
-        if not self.reduce:
-            return self.apply(decode_full(data))
         chosen = {}
 
         def need(w, h):  # sample the crop on the oriented full-size image, before decoding
@@ -162,8 +176,7 @@ class TrainTransform(_BytesTransform):
         return self._crop_resize_flip(image, top, left, h, w)
 
     def apply(self, image) -> torch.Tensor:
-        if isinstance(image, Image.Image):
-            image = _chw(_pil_to_hwc(image.convert("RGB")))
+        image = _as_chw(image)
         return self._crop_resize_flip(image, *self.crop_params(*image.shape[1:]))
 
     __call__ = apply
@@ -179,16 +192,13 @@ class TrainTransform(_BytesTransform):
         return _channels_last(out[0])
 
 
-class EvalTransform(_BytesTransform):
+class Uint8Eval(FileTransform):
     """Resize the short side to int(size / crop_pct) (bicubic, antialias), centre-crop size: uint8."""
 
-    def __init__(self, size: int, crop_pct: float, reduce: bool = True):
-        self.size, self.resize_to, self.reduce = size, eval_resize_size(size, crop_pct), reduce
+    def __init__(self, size: int, crop_pct: float):
+        self.size, self.resize_to = size, eval_resize_size(size, crop_pct)
 
     def load_bytes(self, data: bytes) -> torch.Tensor:
-        if not self.reduce:
-            return self.apply(decode_full(data))
-
         def need(w, h):
             short = min(w, h)
             return math.ceil(w * self.resize_to / short), math.ceil(h * self.resize_to / short)
@@ -196,18 +206,53 @@ class EvalTransform(_BytesTransform):
         return self.apply(decode_reduced(data, need, 2 * self.resize_to)[0])
 
     def apply(self, image) -> torch.Tensor:
-        if isinstance(image, Image.Image):
-            image = _chw(_pil_to_hwc(image.convert("RGB")))
-        out = F.resize(_channels_last(image), [self.resize_to], InterpolationMode.BICUBIC, antialias=True)
+        out = F.resize(_channels_last(_as_chw(image)), [self.resize_to], InterpolationMode.BICUBIC, antialias=True)
         return _channels_last(F.center_crop(out, [self.size, self.size]))
 
     __call__ = apply
 
 
+def _as_chw(image) -> torch.Tensor:
+    return _chw(_pil_to_hwc(image.convert("RGB"))) if isinstance(image, Image.Image) else image
+
+
+class PilTransform(FileTransform):
+    """The reference path (`--loader pil`): Pillow decodes, torchvision transforms v2 augment the PIL image."""
+
+    def __init__(self, steps: list):
+        self.compose = v2.Compose(steps + [v2.PILToTensor()])
+
+    def load(self, path: str) -> torch.Tensor:
+        return self.compose(load_rgb(path))
+
+    def load_bytes(self, data: bytes) -> torch.Tensor:
+        return self.compose(load_rgb(io.BytesIO(data)))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.compose(image)
+
+
+def pil_train(size: int, scale=(0.08, 1.0), hflip: bool = True) -> PilTransform:
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    return PilTransform([v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)] + flip)
+
+
+def pil_eval(size: int, crop_pct: float) -> PilTransform:
+    return PilTransform([v2.Resize(eval_resize_size(size, crop_pct), interpolation=InterpolationMode.BICUBIC,
+                                   antialias=True), v2.CenterCrop(size)])
+
+
+def build_transform(loader: str, train: bool, size: int, crop_pct: float, crop_scale=(0.08, 1.0),
+                    hflip: bool = True) -> FileTransform:
+    """The transform of `--loader` (pil: the reference; anything else: the uint8 path)."""
+    if loader == "pil":
+        return pil_train(size, crop_scale, hflip) if train else pil_eval(size, crop_pct)
+    return Uint8Train(size, crop_scale, hflip) if train else Uint8Eval(size, crop_pct)
+
+
 def collate(batch: list) -> tuple:
     """[(3xHxW uint8, class)] -> (N x 3 x H x W uint8 with NHWC memory, int64 classes). Inside a loader
     worker the batch goes straight into shared memory, the one copy on its way to the trainer."""
-    from torch.utils.data import get_worker_info
     images, targets = zip(*batch)
     c, h, w = images[0].shape
     out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
@@ -215,14 +260,3 @@ def collate(batch: list) -> tuple:
         out.share_memory_()
     torch.stack([x.permute(1, 2, 0) for x in images], out=out)
     return out.permute(0, 3, 1, 2), torch.as_tensor(targets, dtype=torch.int64)
-
-
-class FastFolderDataset(FolderDataset):
-    """FolderDataset whose transform decodes too: it reads the file itself, so it can choose the decoder
-    and the reduced size. Same samples, same (image, class) items."""
-
-    collate_fn = staticmethod(collate)
-
-    def __getitem__(self, index: int):
-        path, target = self.split.samples[index]
-        return self.transform.load(path), target

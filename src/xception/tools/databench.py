@@ -10,7 +10,18 @@ import statistics
 import tempfile
 import time
 
-from .config import UserError
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torchvision import datasets
+from torchvision import transforms as v1
+
+from ..config import PIXEL_MEAN, PIXEL_STD, UserError
+from ..data.folder import scan_split
+from ..data.loaders import FolderDataset
+from ..data.transforms import Uint8Train, collate
+from ..runtime import cpu_count
 
 SYNTHETIC_SIZE = (500, 375)  # ImageNet's most common photo size
 SYNTHETIC_QUALITY = 90
@@ -20,9 +31,6 @@ SYNTHETIC_CLASSES = 4
 def make_synthetic(root: str, count: int, seed: int = 0) -> str:
     """`count` photo-like JPEGs (smooth colour fields, mid-scale texture and sensor-like noise, ~70 KB each
     at quality 90, which decodes like a typical ImageNet photo) as root/train/<class>/<n>.jpg."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     w, h = SYNTHETIC_SIZE
     for i in range(count):
@@ -53,28 +61,19 @@ class _Stamped:
         self.collate = collate
 
     def __call__(self, batch):
-        from torch.utils.data import get_worker_info
         info = get_worker_info()
         return (*self.collate(batch), (-1 if info is None else info.id, time.process_time()))
 
 
 def _loaders(root: str, args):
-    import torch
-    from torch.utils.data import DataLoader, default_collate
-    from torchvision import datasets
-    from torchvision import transforms as v1
-
-    from .data import scan_split
-    from .decode import FastFolderDataset, TrainTransform
-
     size = args.image_size
     baseline = datasets.ImageFolder(root, v1.Compose([
         v1.RandomResizedCrop(size), v1.RandomHorizontalFlip(), v1.ToTensor(),
-        v1.Normalize([0.5] * 3, [0.5] * 3)]))
-    ours = FastFolderDataset(scan_split(root), TrainTransform(size))
+        v1.Normalize([PIXEL_MEAN] * 3, [PIXEL_STD] * 3)]))
+    ours = FolderDataset(scan_split(root), Uint8Train(size))
     common = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
                   persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
-    return (DataLoader(ours, collate_fn=_Stamped(ours.collate_fn), **common),
+    return (DataLoader(ours, collate_fn=_Stamped(collate), **common),
             DataLoader(baseline, collate_fn=_Stamped(default_collate), **common), len(ours))
 
 
@@ -102,7 +101,6 @@ def _timed_pass(loader) -> tuple:
 
 
 def measure(root: str, args) -> dict:
-    import torch
     torch.set_num_threads(1)  # one core per worker, as the loader runs them
     ours, baseline, files = _loaders(root, args)
     workers = max(1, args.workers)
@@ -135,7 +133,7 @@ def measure(root: str, args) -> dict:
                     "RandomResizedCrop/flip, NHWC uint8 batches",
         "baseline": "ImageFolder + PIL + transforms v1 RandomResizedCrop/flip/ToTensor/Normalize",
         "ratio_is": "per core: images per worker CPU-second, ours / baseline (ratio_wall: img/s ours / baseline)",
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_available": cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 

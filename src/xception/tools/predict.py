@@ -1,7 +1,7 @@
 """`xception predict IMAGE_OR_DIR... --weights W`: class names and probabilities for images.
 
 The eval transform is the one the weights were trained with (the checkpoint's saved image_size and
-crop_pct; an exported graph's metadata; 299 px / 0.8975 for foreign weights), with the EXIF orientation
+crop_pct; an exported graph's metadata; the model's defaults for foreign weights), with the EXIF orientation
 honoured. Folders are searched recursively and batched. A file that cannot be read is reported and
 skipped. Weights may be any format `create_model` reads, or an .onnx file from `xception export`.
 """
@@ -11,30 +11,47 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
+from importlib import resources
 
-from .config import UserError
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import MIN_INPUT_SIZE, UserError
+from ..data import to_device
+from ..data.folder import IMG_EXTENSIONS
+from ..data.transforms import load_rgb, pil_eval
+from ..model.deploy import OnnxModel
+from ..model.weights import build_model, eval_settings, read_weights, sniff
+from ..report import Progress
+from ..runtime import resolve_device
 
 IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 
 
-def add_arguments(p) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    p.add_argument("--weights", required=True, metavar="PATH",
-                   help="our checkpoint, a timm/Cadene .pth/.safetensors, a Keras .h5, or an exported .onnx")
-    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.add_argument("-b", "--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("-j", "--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
-    p.add_argument("--image-size", type=int, default=None, help="override the weights' input resolution")
-    p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+@dataclass
+class PredictOptions:
+    topk: int = 5
+    batch_size: int = 16
+    workers: int = 0
+    image_size: int | None = None  # None: the weights' own
+    crop_pct: float | None = None
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.topk < 1:
+            raise UserError(f"--topk must be at least 1, got {self.topk}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.image_size is not None and self.image_size < MIN_INPUT_SIZE:
+            raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {self.image_size}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
 
 
 def imagenet_classes() -> list:
     """The 1000 ImageNet class names in the standard index order, shipped with the package."""
-    from importlib import resources
-
-    text = resources.files(__package__).joinpath(IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+    text = resources.files("xception").joinpath(IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
     names = [line for line in text.splitlines() if line]
     assert len(names) == 1000, f"{IMAGENET_CLASSES_FILE} holds {len(names)} names"
     return names
@@ -50,8 +67,6 @@ def class_names_for(saved, num_classes: int) -> list:
 
 def collect_images(inputs: list) -> tuple:
     """(image paths in order, [(path, problem)]) from files and folders given on the command line."""
-    from .data import IMG_EXTENSIONS
-
     paths, problems = [], []
     for item in inputs:
         if os.path.isdir(item):
@@ -79,7 +94,6 @@ class _Images:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from .data import load_rgb
         try:
             return i, self.transform(load_rgb(self.paths[i])), None
         except Exception as e:  # any decoder failure: PIL raises OSError, ValueError, SyntaxError, ...
@@ -90,56 +104,33 @@ def _collate(items):
     return items
 
 
-def load_predictor(weights: str, device, image_size=None, crop_pct=None, log=print) -> tuple:
+def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tuple:
     """(callable on normalised float batches -> logits, class names, image_size, crop_pct)."""
-    from .weights import sniff
-
     if sniff(weights) == "onnx":
-        from .export import OnnxModel
-
         model = OnnxModel(weights)
-        size = image_size or model.image_size or 299
-        if model.image_size and size != model.image_size:
-            raise UserError(f"--image-size {size}: {weights} was exported for {model.image_size} px inputs")
-        pct = crop_pct or model.meta.get("crop_pct") or 0.8975
-        num = model.num_classes or model.session.get_outputs()[0].shape[-1]
-        return model, class_names_for(model.meta.get("class_names"), int(num)), size, pct
-    from .export import eval_settings
-    from .weights import create_model
-
-    model = create_model(weights=weights, log=log).eval().to(device)
-    size, pct = eval_settings(model, image_size, crop_pct)
-    names = class_names_for(model.weights_info.get("class_names"), model.num_classes)
-    return model, names, size, pct
+        if opts.image_size and model.image_size and opts.image_size != model.image_size:
+            raise UserError(f"--image-size {opts.image_size}: {weights} was exported for {model.image_size} px inputs")
+        saved, names = {"image_size": model.image_size, "crop_pct": model.meta.get("crop_pct")}, model.meta.get("class_names")
+        num = model.num_outputs()
+    else:
+        loaded = read_weights(weights)
+        model = build_model(loaded, log=log).eval().to(device)
+        saved, names, num = loaded.args, loaded.class_names, model.num_classes
+    size, pct = eval_settings(saved, opts.image_size, opts.crop_pct, weights, log)
+    return model, class_names_for(names, num), size, pct
 
 
-def predict(inputs: list, weights: str, topk: int = 5, batch_size: int = 16, workers: int = 0,
-            image_size=None, crop_pct=None, device: str = "auto", log=None) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .data import eval_transform, to_device
-    from .distributed import resolve_device
-    from .model import MIN_INPUT_SIZE
-    from .report import Progress
-
+def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None) -> dict:
     log = log or (lambda *a: print(*a, file=sys.stderr))
-    if topk < 1:
-        raise UserError(f"--topk must be at least 1, got {topk}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if image_size is not None and image_size < MIN_INPUT_SIZE:
-        raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {image_size}")
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise UserError(f"--crop-pct must be in (0, 1], got {crop_pct}")
-    dev = resolve_device(device)
+    opts.check()
+    dev = resolve_device(opts.device)
     paths, problems = collect_images(inputs)
     if not paths:
         where = "; ".join(f"{p}: {why}" for p, why in problems[:3])
         raise UserError(f"nothing to predict: {where}")
-    model, names, size, pct = load_predictor(weights, dev, image_size, crop_pct, log)
-    k = min(topk, len(names))
-    loader = DataLoader(_Images(paths, eval_transform(size, pct)), batch_size=batch_size, num_workers=workers,
+    model, names, size, pct = load_predictor(weights, dev, opts, log)
+    k = min(opts.topk, len(names))
+    loader = DataLoader(_Images(paths, pil_eval(size, pct)), batch_size=opts.batch_size, num_workers=opts.workers,
                         collate_fn=_collate)
     progress = Progress(True, len(loader), "predict", print_freq=max(1, len(loader) // 10))
     results = [None] * len(paths)
@@ -149,13 +140,12 @@ def predict(inputs: list, weights: str, topk: int = 5, batch_size: int = 16, wor
             problems += [(paths[i], err) for i, _, err in items if err is not None]
             if good:
                 batch = to_device(torch.stack([t for _, t in good]), dev, channels_last=False)
-                probs = torch.softmax(model(batch).float(), dim=1).cpu()
-                top = probs.topk(k, dim=1)
+                top = torch.softmax(model(batch).float(), dim=1).cpu().topk(k, dim=1)
                 for row, (i, _) in enumerate(good):
                     results[i] = {"path": paths[i], "top": [
                         {"class": names[c], "index": int(c), "probability": round(float(p), 6)}
                         for p, c in zip(top.values[row].tolist(), top.indices[row].tolist())]}
-            progress.update(step, images=min(step * batch_size, len(paths)))
+            progress.update(step, images=min(step * opts.batch_size, len(paths)))
     progress.close()
     return {"weights": weights, "image_size": size, "crop_pct": pct,
             "predictions": [r for r in results if r is not None],
@@ -163,8 +153,8 @@ def predict(inputs: list, weights: str, topk: int = 5, batch_size: int = 16, wor
 
 
 def run(args) -> int:
-    out = predict(args.inputs, args.weights, args.topk, args.batch_size, args.workers, args.image_size,
-                  args.crop_pct, args.device)
+    opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device)
+    out = predict(args.inputs, args.weights, opts)
     try:
         if args.json:
             print(json.dumps(out, indent=1))

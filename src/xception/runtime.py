@@ -1,17 +1,21 @@
-"""Device choice and process-group set-up. One process per device; torchrun sets the environment."""
+"""Where a run executes: the device, the process group (one process per device; torchrun sets the
+environment), the local launcher and its report of a failed rank, the CPUs this process may use, the
+random streams of a process, and BatchNorm synchronised across processes."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.util
 import os
+import random
+import signal
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
 
-from .config import UserError
+from .config import EXIT_FAILED_RANK, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER, UserError
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
 
@@ -51,12 +55,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def rank_zero_log():
+    """`print` on the job's rank 0 (torchrun's RANK), silence elsewhere: for lines before the set-up."""
+    return print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, which a job scheduler may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_channels_last(device: torch.device) -> bool:
+    # Measured on x86 CPUs (docs/performance.md): NHWC is 22-35% faster than NCHW for training here.
+    # On CUDA it is the usual choice for autocast on tensor cores, but not measured by us yet
+    # (benchmarks/gpu.sh measures both layouts); --no-channels-last overrides.
+    return device.type in ("cpu", "cuda")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a clock read measures finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
+    if device.type in ("cuda", "npu"):  # torch.cuda, or torch.npu once torch_npu is imported
+        getattr(torch, device.type).synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -82,9 +101,39 @@ class DistContext:
             td.all_reduce(tensor, op=td.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            td.all_reduce(tensor, op=td.ReduceOp.MAX)
+        return tensor
+
     def barrier(self) -> None:
         if self.distributed:
             td.barrier()
+
+
+def on_main(ctx: DistContext, decide, *args):
+    """decide(*args) on rank 0 only, its answer (or its UserError) broadcast to every rank: for choices
+    that read the file system, which need not be shared between nodes."""
+    if not ctx.distributed:
+        return decide(*args)
+    box = [None]
+    if ctx.is_main:
+        try:
+            box = [("ok", decide(*args))]
+        except UserError as e:
+            box = [("error", (str(e), e.exit_code))]
+    td.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(*value)
+    return value
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics), e.g. before evaluating without DDP."""
+    if ctx.distributed:
+        for buffer in module.buffers():
+            td.broadcast(buffer, 0)
 
 
 def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800) -> DistContext:
@@ -94,10 +143,8 @@ def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = resolve_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif device.type == "npu":
-        torch.npu.set_device(device)
+    if device.type in ("cuda", "npu"):
+        getattr(torch, device.type).set_device(device)
     ctx = DistContext(device, rank, world_size, local_rank, local_world_size)
     if ctx.distributed and not td.is_initialized():
         td.init_process_group(backend=backend or BACKENDS[device.type],
@@ -187,22 +234,71 @@ def visible_accelerators() -> int:
     return 0
 
 
+def capture_rng(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng(ctx: DistContext) -> list:
+    """Every rank's random streams, in rank order (each rank augments with its own)."""
+    mine = capture_rng(ctx.device)
+    if not ctx.distributed:
+        return [mine]
+    out = [None] * ctx.world_size
+    td.all_gather_object(out, mine)
+    return out
+
+
+def report_failed_ranks(failures: dict, nproc: int) -> int:
+    """One line naming the process that failed first, from torchrun's failures {rank: ProcessFailure}.
+    torchrun stops the survivors with SIGTERM, and they may then fail too, so those are named last."""
+    codes = {rank: f.exitcode for rank, f in failures.items()}
+    if len(set(codes.values())) == 1 and next(iter(codes.values())) in (EXIT_NONFINITE, EXIT_PREEMPTED):
+        return next(iter(codes.values()))  # every rank stopped the same way and rank 0 has said why
+
+    def how(f) -> str:
+        return f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+
+    first = min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].timestamp, r))
+    others = [f"rank {r} {how(f)}" for r, f in sorted(failures.items()) if r != first]
+    print(f"xception: error: rank {first} failed first: it {how(failures[first])} (its output is above)"
+          + (f"; then {', '.join(others)}" if others else "") + f"; {len(failures)} of {nproc} processes failed",
+          file=sys.stderr)
+    return EXIT_FAILED_RANK
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another process of the job went away (not a bug of this one)."""
+    dist_error = getattr(td, "DistError", ())
+    text = str(exc)
+    return isinstance(exc, dist_error) or (isinstance(exc, RuntimeError) and (
+        "gloo" in text or "Connection reset by peer" in text or "Connection closed by peer" in text))
+
+
 def launch_local(nproc: int, argv: list) -> int:
     """Start `xception ARGV` as `nproc` processes on this node through torchrun's own launcher (the seed's
     --multiprocessing-distributed). Returns the exit code: a user error's 2 when every failed rank says so."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "xception", *argv])
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    from .preempt import EXIT_PREEMPTED, report_failed_ranks
     try:
         run(args)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        if set(codes.values()) == {2}:
-            return 2  # a user error, already printed by the ranks
+        if set(codes.values()) == {EXIT_USER}:
+            return EXIT_USER  # a user error, already printed by the ranks
         return report_failed_ranks(e.failures, nproc)
     except SignalException as e:
         # torchrun passed the signal on to every process, which saved a resumable checkpoint (or, past its

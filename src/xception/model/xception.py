@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_INPUT_SIZE = 71  # the smallest input on which every stride-2 stage still has a pixel (as in Keras)
+from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, MIN_INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
+
+BN_EPS = {False: 1e-5, True: 1e-3}  # keras_exact -> BatchNorm epsilon (PyTorch/timm, Keras)
+
+# What the weights expect at inference, as timm's pretrained configs state it: the eval transform of
+# `xception eval`/`predict` and the metadata of an exported graph follow it unless told otherwise.
+PRETRAINED_CFG = {"input_size": (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), "min_input_size": MIN_INPUT_SIZE,
+                  "crop_pct": DEFAULT_CROP_PCT, "interpolation": "bicubic", "mean": (PIXEL_MEAN,) * 3,
+                  "std": (PIXEL_STD,) * 3, "num_classes": 1000, "classifier": "fc"}
 
 
 class SamePadMaxPool(nn.Module):
@@ -131,7 +139,7 @@ class Xception(nn.Module):
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.num_classes, self.drop_rate, self.keras_exact = num_classes, drop_rate, keras_exact
-        eps = 1e-3 if keras_exact else 1e-5
+        eps = BN_EPS[keras_exact]
         self.num_features = 2048
 
         self.entry_flow = nn.Sequential(
@@ -181,16 +189,11 @@ class Xception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-def create_model(num_classes: int | None = None, weights: str | None = None, drop_rate: float = 0.0,
-                 keras_exact: bool | None = None, log=print) -> Xception:
-    """Build Xception and optionally load `weights`: one of our checkpoints, a timm/Cadene legacy_xception
-    .pth or .safetensors file, or a Keras .h5 file; the format is detected from the file (weights.py).
-
-    When `num_classes` differs from the file's (or the file has no classifier), everything but the
-    classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
-    None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
-    """
-    from .weights import create_model as _create
-
-    return _create(num_classes, weights, drop_rate=drop_rate, keras_exact=keras_exact, log=log)
+    def set_keras_exact(self, exact: bool) -> None:
+        """Switch the numerics in place (BatchNorm eps, max-pool padding); no weight changes."""
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = BN_EPS[exact]
+            if isinstance(m, DownBlock):
+                m.pool = max_pool(exact)
+        self.keras_exact = exact

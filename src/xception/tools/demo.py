@@ -9,11 +9,12 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from .config import Config, UserError
+from ..config import MIN_INPUT_SIZE, Config, UserError
+from ..engine import train
 
 # Digits are not ImageNet photos: a mirrored 2 is not a 2, and an 8% crop of an 8x8 scan is noise.
 # So no flips and crops of at least half the image; 71 px is the model's minimum input.
-DEMO_SETTINGS = dict(image_size=71, crop_pct=1.0, crop_scale=(0.5, 1.0), hflip=False, epochs=4, batch_size=32,
+DEMO_SETTINGS = dict(image_size=MIN_INPUT_SIZE, crop_pct=1.0, crop_scale=(0.5, 1.0), hflip=False, epochs=4, batch_size=32,
                      lr=0.02, momentum=0.9, weight_decay=5e-5, warmup_epochs=1, label_smoothing=0.1,
                      workers=1, seed=0, print_freq=10)
 
@@ -48,8 +49,6 @@ def write_digits(root: str, val_fraction: float = 0.2, seed: int = 0) -> tuple:
 
 
 def run_demo(output_dir: str, epochs: int | None = None, device: str = "auto", workers: int | None = None) -> dict:
-    from .trainer import train
-
     data = os.path.join(output_dir, "digits")
     n_train, n_val = write_digits(data)
     settings = dict(DEMO_SETTINGS)

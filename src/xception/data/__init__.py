@@ -1,0 +1,58 @@
+"""The input pipelines, behind one door: `build_loaders(cfg, ctx, need_train)`.
+
+    folder.py      the DATA/train|val/<class>/<image> layout
+    transforms.py  decoders and the two transform families (uint8 fast path, Pillow reference)
+    check.py       decode check before training (with its cache), bad-file policy in the loaders
+    loaders.py     the Loader contract the engine relies on; the image-folder pipeline; to_device
+    shards.py      WebDataset shard sets from `xception prepare`, local or streamed
+    dali.py        NVIDIA DALI, decoding on the GPU (--loader dali)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import UserError
+from .check import screen
+from .dali import dali_loaders
+from .folder import scan_dataset
+from .loaders import FolderDataset, FolderLoader, Loader, to_device
+from .shards import is_shard_source, read_index, shard_loader
+from .transforms import build_transform
+
+__all__ = ["Loaders", "Loader", "build_loaders", "to_device"]
+
+
+@dataclass
+class Loaders:
+    classes: list
+    train: Loader | None  # None for an evaluation
+    val: Loader
+    skipped: int = 0  # bad files the decode check left out before the first epoch (--skip-bad-images)
+
+
+def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None = None, log=print) -> Loaders:
+    """The run's loaders for cfg.data_path: an image folder (--loader tv|pil, or dali) or a shard set.
+    `generator` drives the training order and the workers' seeds (the engine reseeds it every epoch)."""
+    shard_set = bool(cfg.data_path) and is_shard_source(cfg.data_path)
+    if cfg.loader == "dali":
+        if shard_set:
+            raise UserError("--loader dali reads image folders; for a shard set use --loader tv (or auto)")
+        return Loaders(*dali_loaders(cfg, ctx, need_train, log))
+    if shard_set:
+        index, base = read_index(cfg.data_path)
+        train = shard_loader(index, base, True, cfg, ctx, log) if need_train else None
+        return Loaders(index["classes"], train, shard_loader(index, base, False, cfg, ctx, log))
+    train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
+    skipped = 0
+    if cfg.check_data:
+        (train_split, val_split), skipped = screen([train_split, val_split], cfg, ctx, log)
+
+    def folder_loader(split, train: bool, gen: torch.Generator) -> FolderLoader:
+        transform = build_transform(cfg.loader, train, cfg.image_size, cfg.crop_pct, cfg.crop_scale, cfg.hflip)
+        return FolderLoader(FolderDataset(split, transform, cfg.skip_bad_images), cfg, ctx, train, gen)
+
+    train = folder_loader(train_split, True, generator or torch.Generator()) if need_train else None
+    return Loaders(val_split.classes, train, folder_loader(val_split, False, torch.Generator()), skipped)

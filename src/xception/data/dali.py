@@ -1,0 +1,140 @@
+"""`--loader dali`: NVIDIA DALI reads the image folder, decodes JPEGs on the GPU ("mixed": Huffman on the
+CPU, the rest with nvJPEG) and crops, resizes and flips there; the optional extra `dali` installs it
+(`pip install -e ".[dali]"`, the nvidia-dali-cuda130 wheel).
+
+Same transforms as the CPU paths: train RandomResizedCrop (area --crop-scale, aspect 3/4..4/3, bilinear
+with antialiasing) and a p=0.5 flip; eval resize of the short side to image_size / crop_pct (bicubic,
+antialiased) and a centre crop. Batches stay uint8 NCHW (channels-last memory) for loaders.to_device.
+
+Same sharding per rank: the reader's shard_id/num_shards are the rank and the world size. Training
+reshuffles the whole list every epoch with the run's seed (the same permutation on every rank) and
+runs floor(samples / world / per-rank batch) steps on every rank, so DDP never waits on a rank with a
+shorter shard; evaluation pads the last batch and drops the padding, so every image counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import UserError, derive_seed
+from .folder import Split, scan_dataset
+from .loaders import Loader, per_process, skip_batches
+from .transforms import RATIO, eval_resize_size
+
+READER = "Reader"
+
+
+@dataclass
+class Placement:
+    """Where one DALI pipeline runs: its batch, its shard of the file list, the GPU and CPU threads."""
+    batch: int
+    rank: int = 0
+    world: int = 1
+    device_id: int | None = 0
+    threads: int = 1
+    device: str = "mixed"  # "mixed": decode on the GPU; "cpu": the same graph on the CPU (a check without GPU)
+
+
+def graph(fn, types, split: Split, cfg, train: bool, where: Placement):
+    """The DALI operator graph; returns (images, labels) as DataNodes."""
+    seed = cfg.seed or 0
+    if train:  # one permutation per epoch, the same on every rank: the reader's own seed
+        order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed)
+    else:  # every rank keeps its shard and pads its last batch (the iterator drops the padding)
+        order = dict(stick_to_shard=True, pad_last_batch=True)
+    jpegs, classes = fn.readers.file(files=[p for p, _ in split.samples], labels=[t for _, t in split.samples],
+                                     shard_id=where.rank, num_shards=where.world, name=READER, **order)
+    if train:
+        images = fn.decoders.image_random_crop(jpegs, device=where.device, output_type=types.RGB,
+                                               random_area=list(cfg.crop_scale), random_aspect_ratio=list(RATIO),
+                                               num_attempts=10)
+        images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size,
+                           interp_type=types.INTERP_LINEAR, antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5) if cfg.hflip else 0
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
+    else:
+        images = fn.decoders.image(jpegs, device=where.device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=eval_resize_size(cfg.image_size, cfg.crop_pct),
+                           interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC",
+                                          crop=(cfg.image_size, cfg.image_size))
+    return images, (classes.gpu() if where.device == "mixed" else classes)
+
+
+def build_pipeline(split: Split, cfg, train: bool, where: Placement):
+    from nvidia.dali import fn, pipeline_def, types
+
+    # the reader's seed is the run's (one shuffle for all ranks); the augmentation's differs per rank
+    @pipeline_def(batch_size=where.batch, num_threads=where.threads, device_id=where.device_id,
+                  seed=derive_seed(cfg.seed or 0, where.rank) % (2 ** 31) + 1, prefetch_queue_depth=2)
+    def pipe():
+        return graph(fn, types, split, cfg, train, where)
+
+    pipeline = pipe()
+    pipeline.build()
+    return pipeline
+
+
+class DaliLoader(Loader):
+    """(uint8 N x 3 x H x W images with NHWC memory, int64 labels), both on the GPU, `steps` batches.
+    DALI reshuffles by itself after every epoch (the reader's shuffle_after_epoch)."""
+
+    on_device = True
+
+    def __init__(self, iterator, split: Split, steps: int, batch: int):
+        self.iterator, self.steps, self.batch_size = iterator, steps, batch
+        self.num_samples = len(split.samples)
+        self.start_step = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start_step = start_step
+
+    def _batches(self):
+        for step, out in enumerate(self.iterator):
+            if step >= self.steps:
+                self.iterator.reset()
+                return
+            images, labels = out[0]["images"], out[0]["labels"]
+            yield images.permute(0, 3, 1, 2), labels.reshape(-1).long()
+
+    def __iter__(self):
+        batches = skip_batches(self._batches(), self.start_step)
+        self.start_step = 0
+        return batches
+
+
+def dali_loaders(cfg, ctx, need_train: bool, log=print) -> tuple:
+    """(classes, train loader or None, val loader) of an image folder, decoded on this rank's GPU."""
+    if ctx.device.type != "cuda":
+        raise UserError("--loader dali decodes on a CUDA GPU; this run's device is "
+                        f"{ctx.device.type} (use --loader tv)")
+    try:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError:
+        raise UserError("--loader dali needs NVIDIA DALI: pip install -e \".[dali]\" (nvidia-dali-cuda130)")
+    train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
+    per_rank, workers = per_process(cfg, ctx)
+    where = Placement(per_rank, ctx.rank, ctx.world_size, ctx.device.index or 0, max(1, workers))
+
+    def loader(split, train):
+        iterator = DALIGenericIterator([build_pipeline(split, cfg, train, where)], ["images", "labels"],
+                                       reader_name=READER, auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+        n = len(split.samples)
+        if train:  # the smallest rank shard (floor(n / world)) decides: every rank runs the same steps
+            steps = (n // ctx.world_size) // per_rank
+            if steps < 1:
+                raise UserError(f"--data_path {cfg.data_path}: {n} training images are fewer than one batch "
+                                f"of {per_rank} per process")
+        else:
+            shard = n * (ctx.rank + 1) // ctx.world_size - n * ctx.rank // ctx.world_size  # DALI's split
+            steps = math.ceil(shard / per_rank)
+        return DaliLoader(iterator, split, steps, per_rank)
+
+    train_loader = loader(train_split, True) if need_train else None
+    log(f"--loader dali: GPU decoding with {where.threads} CPU thread(s) per process")
+    return val_split.classes, train_loader, loader(val_split, False)

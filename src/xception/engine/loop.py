@@ -1,0 +1,203 @@
+"""The one training epoch and the one evaluation pass: the same code for 1..N processes and any device.
+
+Neither reads a device value on the host except at print steps (and once at the end), so the CPU can
+queue work ahead of an accelerator. What else must happen around a step (stopping on a signal or a
+non-finite loss, freezing the backbone, averaging weights) is a hook (hooks.py), not a parameter here.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import to_device
+from ..runtime import DistContext, synchronize
+from .precision import Precision
+
+TIMING_WARMUP_ITERS = 5  # first iterations of an epoch left out of img/s (allocator, cudnn autotune, workers)
+
+
+@dataclass
+class Step:
+    """One optimisation step: forward under autocast, backward (scaled for fp16), optimizer, LR schedule."""
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    precision: Precision
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():
+            loss = self.criterion(self.model(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.precision.scaler
+        if scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update(self.precision.static_scale)
+        with warnings.catch_warnings():
+            # With fp16 a first overflowing step is skipped, which makes torch warn that the
+            # scheduler stepped before the optimizer; that is expected here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
+        return loss.detach()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+@dataclass
+class EpochPlan:
+    steps: int  # iterations in this epoch (the loader's length, or --steps-per-epoch)
+    print_freq: int = 10
+    channels_last: bool = True
+    start_step: int = 0  # a resumed epoch starts here
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images_per_sec: float
+    seconds: float
+    images: int
+    steps_done: int = 0  # of the epoch, counted from its start
+    first_step_seconds: float = 0.0  # includes torch.compile's compilation on the first call
+    stopped: bool = False  # a hook stopped the epoch early
+
+
+class Hook:
+    """Something that acts around the steps of an epoch. `after_step` runs after every step and must not
+    read device values, except when `check` is set (a print step, or the epoch's last): it returns True to
+    stop the epoch."""
+
+    def epoch_start(self, epoch: int) -> None:
+        pass
+
+    def after_step(self, step: int, loss: torch.Tensor, check: bool) -> bool:
+        return False
+
+
+def train_one_epoch(step: Step, loader, ctx: DistContext, plan: EpochPlan, hooks=(), progress=None,
+                    epoch: int = 0) -> EpochStats:
+    """Train over `loader` once (positioned by loader.set_epoch). img/s counts the images of every process
+    from iteration TIMING_WARMUP_ITERS on, over wall time between device-synchronised clock reads: data
+    loading included, warm-up excluded."""
+    step.model.train()
+    device, n = ctx.device, plan.steps
+    skip = min(plan.start_step + TIMING_WARMUP_ITERS, n - 1)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen = timed = done = 0
+    first_step, stopped = 0.0, False
+    t_epoch = t0 = time.perf_counter()
+    batches = iter(loader)  # a loader that cannot skip unread drops the resumed epoch's first batches here
+    for hook in hooks:
+        hook.epoch_start(epoch)  # after the drop: a resumed epoch's random streams are restored here
+    for i, (images, targets) in enumerate(batches, plan.start_step):
+        if i >= n:
+            break
+        loss = step(to_device(images, device, plan.channels_last), targets.to(device, non_blocking=True))
+        if i == plan.start_step:
+            synchronize(device)
+            first_step = time.perf_counter() - t_epoch
+        loss_sum += loss
+        seen += images.shape[0]
+        timed += images.shape[0] if i >= skip else 0
+        if i == skip - 1:
+            synchronize(device)
+            t0 = time.perf_counter()
+        done = i + 1
+        check = done % plan.print_freq == 0 or done == n
+        if check and progress is not None:
+            rate = timed * ctx.world_size / max(time.perf_counter() - t0, 1e-9) if timed else 0.0
+            progress.update(done, loss=loss.item(), lr=step.lr, img_s=rate)
+        if any([hook.after_step(i, loss, check) for hook in hooks]):  # every hook sees every step
+            stopped = True
+            break
+    synchronize(device)
+    t_end = time.perf_counter()
+    totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(done - plan.start_step), device=device,
+                                                                     dtype=torch.float64)]))
+    counts = torch.tensor([seen, timed], dtype=torch.float64, device=device)
+    elapsed = torch.tensor([t_end - t0], dtype=torch.float64, device=device)
+    ctx.all_reduce_sum(counts)
+    ctx.all_reduce_max(elapsed)
+    loss_total, steps_total = totals.tolist()
+    seen_total, timed_total = counts.tolist()
+    return EpochStats(loss=loss_total / max(steps_total, 1), images_per_sec=timed_total / max(elapsed.item(), 1e-9),
+                      seconds=t_end - t_epoch, images=int(seen_total), steps_done=done,
+                      first_step_seconds=first_step, stopped=stopped)
+
+
+@dataclass
+class TopK:
+    """Summed cross-entropy, top-1 and top-5 hits (on the device), and the image count (on the host)."""
+    device: torch.device
+    sums: torch.Tensor = None
+    count: int = 0
+
+    def __post_init__(self):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
+        hits = top.eq(targets[:, None])
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        self.sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        self.count += targets.shape[0]
+
+    def result(self, ctx: DistContext) -> dict:
+        sums = ctx.all_reduce_sum(torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                                      device=self.device)]))
+        loss, top1, top5, count = sums.tolist()
+        count = max(count, 1)
+        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
+
+
+@dataclass
+class Confusion:
+    """The confusion matrix (true class x predicted class), for `xception eval --report`."""
+    num_classes: int
+    device: torch.device
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.counts = torch.zeros(self.num_classes ** 2, dtype=torch.float64, device=self.device)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
+        self.counts += torch.bincount(targets * self.num_classes + top[:, 0], minlength=self.num_classes ** 2).double()
+
+    def result(self, ctx: DistContext) -> dict:
+        n = self.num_classes
+        return {"confusion": ctx.all_reduce_sum(self.counts).view(n, n).long().cpu()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx: DistContext, precision: Precision, channels_last: bool, extra=(),
+             progress=None) -> dict:
+    """Loss, top-1, top-5 and image count over the whole split, plus each `extra` metric's result
+    (e.g. Confusion). Each process sums over its own share, then the sums are added across processes once,
+    so every sample counts exactly once and no rank waits alone. `model` may be an OnnxModel too."""
+    model.eval()
+    metrics = [TopK(ctx.device), *extra]
+    for i, (images, targets) in enumerate(loader):
+        images = to_device(images, ctx.device, channels_last)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float().to(ctx.device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        for metric in metrics:
+            metric.update(logits, targets, top)
+        if progress is not None:
+            progress.update(i + 1)
+    out = {}
+    for metric in metrics:
+        out.update(metric.result(ctx))
+    return out

@@ -1,0 +1,94 @@
+"""What a training run and an evaluation run set up alike: the processes and device, the agreed seed,
+the output folder, the loaders, the precision, and the placement of the model (device, layout, DDP,
+torch.compile)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, Config, UserError, derive_seed
+from ..data import build_loaders
+from ..model.deploy import compile_frozen
+from ..report import Reporter
+from ..runtime import cleanup, convert_sync_batchnorm, default_channels_last, setup
+from .precision import make_precision
+
+
+def check_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path}: not writable; choose a folder you can write to")
+
+
+def _preview(names) -> str:
+    names = list(names)
+    return "(" + ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "") + ")"
+
+
+class Run:
+    """Everything a training or evaluation run holds besides the model; built once from the config.
+    `cfg` is the resolved copy: image size, crop and seed filled in, agreed by every rank."""
+
+    def __init__(self, cfg: Config, need_train: bool, kind: str):
+        self.ctx = setup(cfg.device, cfg.dist_backend)
+        cfg.validate(self.ctx.world_size)
+        self.log = print if self.ctx.is_main else (lambda *a, **k: None)
+        self.cfg = cfg.replace(seed=self._agreed_seed(cfg.seed), image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
+                               crop_pct=cfg.crop_pct or DEFAULT_CROP_PCT)
+        if self.ctx.is_main:
+            check_output_dir(cfg.output_dir)
+        self.generator = torch.Generator()  # the training order and the loader workers' seeds
+        loaders = build_loaders(self.cfg, self.ctx, need_train, self.generator, self.log)
+        self.classes, self.train_loader, self.val_loader = loaders.classes, loaders.train, loaders.val
+        self.bad_skipped = loaders.skipped
+        self.channels_last = default_channels_last(self.ctx.device) if cfg.channels_last is None else cfg.channels_last
+        self.precision = make_precision(self.cfg, self.ctx.device, warn=self.log)
+        self.report = Reporter(self.cfg, self.ctx, kind, self.log)
+
+    def _agreed_seed(self, seed) -> int:
+        if seed is not None:
+            return seed
+        drawn = torch.tensor(random.SystemRandom().randrange(2 ** 31), device=self.ctx.device)
+        if self.ctx.distributed:  # every rank must agree on the seed
+            torch.distributed.broadcast(drawn, 0)
+        return int(drawn.item())
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Each rank augments differently, each epoch differently, and the same again after a resume."""
+        s = derive_seed(self.cfg.seed, self.ctx.rank, epoch)
+        torch.manual_seed(s)  # dropout, and augmentation when loading in the main process
+        random.seed(s)
+        self.generator.manual_seed(s)  # shuffling and the seeds of the loader's workers
+
+    def check_classes(self, saved, source: str) -> None:
+        if saved is not None and list(saved) != list(self.classes):
+            raise UserError(f"{source}: trained on {len(saved)} classes {_preview(saved)}, the data has "
+                            f"{len(self.classes)} {_preview(self.classes)}; use --pretrained {source} "
+                            f"to fine-tune on these classes")
+
+    def place(self, model: nn.Module, frozen: bool = False) -> nn.Module:
+        """Move to the device and layout; with --sync-bn convert BatchNorm (in place, for `model`'s owner to
+        see); wrap for data parallelism; with --compile, compile (`frozen`: weights fixed, for inference)."""
+        model = model.to(self.ctx.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.ctx.distributed and not frozen:
+            if self.cfg.sync_bn:
+                model = convert_sync_batchnorm(model, self.ctx.device)
+            ids = [self.ctx.device.index] if self.ctx.device.type in ("cuda", "npu") else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:  # lazy: the first call in each mode compiles, timed apart from img/s
+            model = compile_frozen(model) if frozen else torch.compile(model)
+        return model
+
+    def close(self) -> None:
+        self.report.close()
+        cleanup()

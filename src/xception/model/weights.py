@@ -1,0 +1,209 @@
+"""Weights in, in one place: detect a file's format from its first bytes, read it into our names
+(`Weights`), and load it into a model with the one rule for the classifier (`load_into`).
+
+Formats: our checkpoints (or a bare state dict with our names); timm's legacy_xception and Cadene's
+xception as a torch `.pth` or a `model.safetensors` file; the author's Keras `.h5` (ports.py translates the
+foreign names). What the weights say about their own use (class names, the image size and crop they were
+trained and evaluated at, Keras numerics) travels in `Weights`, never as attributes stuck onto a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import Checkpoint, clean_state_dict, is_checkpoint, is_state_dict, load_file
+from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, UserError, check_file
+from . import ports
+from .xception import Xception
+
+HEAD_KEYS = ("fc.weight", "fc.bias")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass
+class Weights:
+    state: dict  # our key -> tensor
+    fmt: str  # "xception", "timm", "cadene" or "keras"
+    source: str  # the path, for messages
+    keras_exact: bool = False
+    origin: dict = field(default_factory=dict)  # our key -> the file's name for it
+    class_names: list | None = None
+    args: dict = field(default_factory=dict)  # our checkpoints' saved run settings
+
+    @property
+    def num_classes(self) -> int | None:
+        w = self.state.get("fc.weight")
+        return None if w is None else int(w.shape[0])
+
+
+def sniff(path: str, flag: str = "--weights") -> str:
+    """'hdf5', 'safetensors', 'onnx' or 'torch', from the first bytes (not the file name)."""
+    check_file(path, flag, "a weights file (.pth, .pth.tar, .safetensors, .h5)")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch's zip format, or a legacy pickle
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    if path.lower().endswith(".onnx"):
+        return "onnx"
+    raise UserError(f"{flag} {path}: unknown weights format; expected one of our checkpoints, a timm/Cadene "
+                    f".pth or .safetensors state dict, or a Keras .h5 file")
+
+
+def read_weights(path: str, flag: str = "--weights") -> Weights:
+    kind = sniff(path, flag)
+    if kind == "hdf5":
+        state, origin = ports.read_keras_h5(path, flag)
+        return Weights(state, "keras", path, keras_exact=True, origin=origin)
+    if kind == "onnx":
+        raise UserError(f"{flag} {path}: an ONNX file holds a finished graph, not trainable weights; "
+                        f"give the checkpoint it was exported from")
+    obj = _read_safetensors(path, flag) if kind == "safetensors" else load_file(path, flag=flag)
+    if is_checkpoint(obj):
+        return from_checkpoint(Checkpoint.from_dict(obj, f"{flag} {path}"), path)
+    state = obj.get("state_dict", obj.get("model", obj))  # a bare state dict, or one inside a dict
+    if not is_state_dict(state):
+        raise UserError(f"{flag} {path}: the file holds no model state dict")
+    return from_state_dict(state, path)
+
+
+def _read_safetensors(path: str, flag: str) -> dict:
+    try:
+        from safetensors.torch import load_file as load_safetensors
+    except ImportError:
+        raise UserError(f"{flag} {path}: reading .safetensors needs the safetensors package "
+                        f"(pip install safetensors)")
+    try:
+        return load_safetensors(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise UserError(f"{flag} {path}: not a readable safetensors file ({type(e).__name__})")
+
+
+def from_checkpoint(ckpt: Checkpoint, source: str) -> Weights:
+    return Weights(dict(ckpt.model), "xception", source, keras_exact=ckpt.keras_exact,
+                   origin={k: k for k in ckpt.model}, class_names=ckpt.class_names, args=ckpt.args)
+
+
+def from_state_dict(state: dict, source: str) -> Weights:
+    """Recognise the naming (ours, timm, Cadene) and translate."""
+    state = clean_state_dict(state)
+    if any(k.startswith(("entry_flow.", "middle_flow.", "exit_flow.")) for k in state):
+        return Weights(dict(state), "xception", source, origin={k: k for k in state})
+    if ports.is_timm_naming(state):
+        fmt = "cadene" if any(k.startswith("last_linear.") for k in state) else "timm"
+        ours, origin = ports.from_timm(state, "last_linear" if fmt == "cadene" else "fc")
+        return Weights(ours, fmt, source, origin=origin)
+    sample = ", ".join(sorted(state)[:3])
+    raise UserError(f"{source}: tensor names ({sample}, ...) are neither ours nor timm's/Cadene's "
+                    f"legacy_xception; is this an Xception state dict?")
+
+
+def _head_rule(own: dict, state: dict, weights: Weights, allow_new_head: bool) -> str | None:
+    """Why the classifier stays fresh (None: it loads). A head of another class count, or none in the
+    file, is a head swap when allowed and an error naming the tensor otherwise."""
+    head = [state.get(k) for k in HEAD_KEYS]
+    if all(h is not None and h.shape == own[k].shape for h, k in zip(head, HEAD_KEYS)):
+        return None
+    if any(h is None for h in head) and not all(h is None for h in head):
+        missing = next(k for k, h in zip(HEAD_KEYS, head) if h is None)
+        raise UserError(f"{weights.source}: missing tensor {weights.origin.get(missing, missing)}")
+    why = ("the file has no classifier" if head[0] is None else
+           f"the file's classifier has {head[0].shape[0]} classes, the model {own['fc.weight'].shape[0]}")
+    if not allow_new_head:
+        raise UserError(f"{weights.source}: {why}; use --pretrained {weights.source} to fine-tune a new classifier")
+    return why
+
+
+def load_into(model: Xception, weights: Weights, allow_new_head: bool = True, log=print) -> bool:
+    """THE weight loader. Returns True when the classifier was left fresh (head swap: the file has none,
+    or one of another class count, and `allow_new_head`). Any other gap or shape mismatch is an error that
+    names the file's tensor."""
+    own = model.state_dict()
+    state = dict(weights.state)
+    for key in own:  # tiny files of old ports lack these counters; they do not affect the numerics
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.tensor(0)
+    why_new = _head_rule(own, state, weights, allow_new_head)
+    if why_new:
+        for k in HEAD_KEYS:
+            state.pop(k, None)
+    for key, value in state.items():
+        name = weights.origin.get(key, key)
+        if key not in own:
+            raise UserError(f"{weights.source}: unexpected tensor {name}; is this an Xception weights file?")
+        if key.endswith(".pointwise.weight") and value.dim() == 2 and own[key].dim() == 4:
+            value = state[key] = value[:, :, None, None]  # some old ports store 1x1 kernels as matrices
+        if value.shape != own[key].shape:
+            raise UserError(f"{weights.source}: tensor {name} has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(own[key].shape)} (for {key})")
+    missing = [k for k in own if k not in state and not (why_new and k in HEAD_KEYS)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{weights.source}: missing tensor {weights.origin.get(missing[0], missing[0])}{more} "
+                        f"(for {missing[0]}); the file is incomplete or not an Xception")
+    model.load_state_dict(state, strict=False)
+    if weights.keras_exact and not model.keras_exact:
+        model.set_keras_exact(True)  # weights fine-tuned from Keras's keep its numerics
+    if why_new:
+        log(f"{weights.source}: loaded all but the classifier ({why_new}); a new {own['fc.weight'].shape[0]}-class "
+            f"classifier starts from scratch")
+    return bool(why_new)
+
+
+def build_model(weights: Weights | None, num_classes: int | None = None, drop_rate: float = 0.0,
+                keras_exact: bool | None = None, log=print) -> Xception:
+    """Xception for `num_classes` (None: the file's, else 1000) with `weights` loaded (head swap allowed).
+    `keras_exact` None: the Keras numerics exactly when the weights ask for them."""
+    if weights is None:
+        return Xception(num_classes=num_classes or 1000, drop_rate=drop_rate, keras_exact=bool(keras_exact))
+    exact = weights.keras_exact if keras_exact is None else keras_exact
+    model = Xception(num_classes=num_classes or weights.num_classes or 1000, drop_rate=drop_rate, keras_exact=exact)
+    load_into(model, dataclasses.replace(weights, keras_exact=exact), allow_new_head=True, log=log)
+    if weights.fmt != "xception" or exact:
+        log(f"{weights.source}: {weights.fmt} weights imported"
+            + (" (Keras numerics: BatchNorm eps 1e-3, TF 'same' max-pool padding)" if exact else ""))
+    return model
+
+
+def create_model(num_classes: int | None = None, weights: str | None = None, drop_rate: float = 0.0,
+                 keras_exact: bool | None = None, log=print) -> Xception:
+    """Build Xception and optionally load `weights`: one of our checkpoints, a timm/Cadene legacy_xception
+    .pth or .safetensors file, or a Keras .h5 file; the format is detected from the file.
+
+    When `num_classes` differs from the file's (or the file has no classifier), everything but the
+    classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
+    None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
+    """
+    loaded = read_weights(weights) if weights is not None else None
+    return build_model(loaded, num_classes, drop_rate, keras_exact, log)
+
+
+def eval_settings(saved: dict, image_size: int | None, crop_pct: float | None, source: str,
+                  log=print) -> tuple:
+    """(image_size, crop_pct) to evaluate with: a flag given by the user wins (with a warning when it differs
+    from the weights' own), else the setting the weights were trained and evaluated at (`saved`: our
+    checkpoint's args, or an exported graph's metadata), else the model's default. Says which it used."""
+    chosen, said = [], []
+    for flag, given, key, default in (("--image-size", image_size, "image_size", DEFAULT_IMAGE_SIZE),
+                                      ("--crop-pct", crop_pct, "crop_pct", DEFAULT_CROP_PCT)):
+        own = saved.get(key)
+        if given is not None:
+            if own is not None and float(own) != float(given):
+                log(f"warning: {flag} {given} overrides the {key.replace('_', ' ')} {own} that {source} "
+                    f"was trained and evaluated at")
+            value, why = given, "from the flag"
+        elif own is not None:
+            value, why = own, "the weights' own"
+        else:
+            value, why = default, "the default"
+        chosen.append(type(default)(value))
+        said.append(f"{key.replace('_', ' ')} {chosen[-1]:g} ({why})")
+    log(f"{source}: input " + ", ".join(said))
+    return tuple(chosen)

@@ -1,0 +1,179 @@
+"""`xception bench`: time our training or inference step against timm's legacy_xception in one process
+(--mode train|infer), or the input pipeline (--mode data, databench.py)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import MIN_INPUT_SIZE, UserError
+from ..model import Xception
+from ..model.deploy import compile_frozen, fold_batchnorm
+from ..runtime import resolve_device, synchronize
+from .databench import run_data_bench
+
+
+def run(args) -> int:
+    if args.mode == "data":
+        return run_data_bench(args)
+    for flag, value in (("--image-size", args.image_size - MIN_INPUT_SIZE + 1), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats), ("--steps", args.steps),
+                        ("--threads", 1 if args.threads is None else args.threads)):
+        if value < 1:
+            raise UserError(f"{flag} is too small (image size at least {MIN_INPUT_SIZE}, the others at least 1)")
+    return run_compute_bench(args)
+
+
+def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False,
+                profile: bool = False) -> dict:
+    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps.
+    With `compile`, the first step compiles; its time less one ordinary step is `compile_seconds`.
+    With `profile`, two more steps run under torch.profiler and `profile` holds its table."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, **impl[args.optimizer_impl])
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if not train:
+                with torch.inference_mode():
+                    return model(x)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train(train)
+    if compile:
+        model = torch.compile(model) if train else compile_frozen(model)
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()  # the first step: compiles when compiling
+    synchronize(device)
+    first_step = time.perf_counter() - t0
+    for _ in range(max(args.warmup - 1, 1 if compile else 0)):
+        step()
+    rates = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    out = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    if profile:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            synchronize(device)
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    if compile:
+        out["compile_seconds"] = first_step - args.batch_size / out["median"]
+    return out
+
+
+def cpu_peak_gflops(threads: int):
+    """fp32 peak of `threads` x86 cores from /proc/cpuinfo: clock x FMA width (AVX-512 64 FLOP/cycle, AVX2+FMA
+    32, else 16). An estimate (turbo clocks, one FMA port on some parts); None where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    if not mhz or not flags:
+        return None
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= set(flags) else 16
+    return threads * mhz[0] / 1000 * per_cycle
+
+
+def forward_gflop(image_size: int) -> float:
+    """GFLOP (2 per multiply-add) of one image's forward pass, counted by torch's FlopCounterMode."""
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        Xception(num_classes=1000)(torch.empty(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def _timm_side(args, device, train: bool, result: dict) -> None:
+    """timm's legacy_xception under the same settings, into `result` (or why it was skipped)."""
+    try:
+        import timm  # optional: the `bench` extra
+    except ImportError:
+        result["timm_skipped"] = "timm is not installed (pip install 'xception[bench]')"
+        return
+    theirs = timm.create_model("legacy_xception", pretrained=False)
+    t = _time_model(theirs, args, device, args.timm_channels_last, train, args.timm_compile)
+    result.update(timm_img_s=t["median"], timm_min=t["min"], timm_max=t["max"], ratio=result["ours_img_s"] / t["median"],
+                  timm_settings={"model": "legacy_xception", "channels_last": args.timm_channels_last,
+                                 "compile": args.timm_compile,
+                                 "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None})
+    result["timm_gflops"] = t["median"] * result["gflop_per_image"]  # the same arithmetic as ours
+    if "compile_seconds" in t:
+        result["timm_compile_seconds"] = t["compile_seconds"]
+
+
+def _print_table(result: dict, device) -> None:
+    print(f"{result['mode']} {result['image_size']}px batch {result['batch_size']} {result['dtype']} on {device}, "
+          f"{result['threads']} threads, torch {torch.__version__}")
+    print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f}), "
+          f"{result['ours_gflops']:.1f} GFLOP/s at {result['gflop_per_image']:.2f} GFLOP/image"
+          + (f", {100 * result['ours_fraction_of_peak']:.0f}% of a {result['peak_gflops']:.0f} GFLOP/s peak"
+             if "peak_gflops" in result else ""))
+    if "timm_img_s" in result:
+        print(f"  timm : {result['timm_img_s']:8.2f} img/s (min {result['timm_min']:.2f}, max {result['timm_max']:.2f})")
+        print(f"  ratio: {result['ratio']:.3f}")
+    else:
+        print(f"  timm : skipped, {result['timm_skipped']}")
+    for side in ("ours", "timm"):
+        if f"{side}_compile_seconds" in result:
+            print(f"  {side} torch.compile: {result[side + '_compile_seconds']:.1f} s, not in img/s")
+
+
+def run_compute_bench(args) -> int:
+    device = resolve_device(args.device)
+    train = args.mode == "train"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours = Xception(num_classes=1000)
+    if not train and args.fold_bn:
+        ours = fold_batchnorm(ours.eval())
+    result = {"mode": args.mode, "image_size": args.image_size, "batch_size": args.batch_size,
+              "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
+              "threads": torch.get_num_threads(),
+              "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
+                                "compile": args.compile, "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None}}
+    stats = _time_model(ours, args, device, args.channels_last, train, args.compile, profile=args.profile)
+    result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
+    # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
+    result["gflop_per_image"] = forward_gflop(args.image_size) * (3 if train else 1)
+    result["ours_gflops"] = result["ours_img_s"] * result["gflop_per_image"]
+    peak = args.peak_gflops or (cpu_peak_gflops(result["threads"]) if device.type == "cpu" else None)
+    if peak:
+        result["peak_gflops"] = peak
+        result["ours_fraction_of_peak"] = result["ours_gflops"] / peak
+    if "compile_seconds" in stats:
+        result["ours_compile_seconds"] = stats["compile_seconds"]
+    del ours
+    _timm_side(args, device, train, result)
+    if "profile" in stats:
+        # the table goes to stderr, so that --json still prints exactly one JSON object on stdout
+        print(f"torch.profiler, our {args.mode} step, 2 steps:\n{stats['profile']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result, device)
+    return 0

@@ -1,0 +1,60 @@
+"""`xception export`: a deployable graph (ONNX or TorchScript) with BatchNorm folded into the convolutions,
+verified against PyTorch before it is put in place (model/deploy.py holds the writers and the check)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import DEFAULT_OPSET, MIN_INPUT_SIZE, UserError
+from ..files import WriteError
+from ..model.deploy import (ATOL, RTOL, VERIFY_BATCHES, fold_batchnorm, metadata, verify,
+                            write_onnx, write_torchscript)
+from ..model.weights import build_model, eval_settings, read_weights
+
+
+def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
+           image_size: int | None = None, log=print) -> float:
+    """Write the graph to `out` (via a temporary file, renamed once verified). Returns the max error."""
+    loaded = read_weights(weights)
+    model = build_model(loaded, log=log).eval()
+    size, crop_pct = eval_settings(loaded.args, image_size, None, weights, log)
+    if size < MIN_INPUT_SIZE:
+        raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {size}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out}: folder {folder} does not exist")
+    meta = metadata(model, size, crop_pct, loaded.class_names, loaded.fmt)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(out)}")
+    try:
+        example = torch.zeros(1, 3, size, size)
+        if fmt == "onnx":
+            write_onnx(fold_batchnorm(model), example, tmp, dynamic_batch, opset, meta)
+        else:
+            write_torchscript(fold_batchnorm(model), example, tmp, meta)
+        error, scale = verify(model, tmp, fmt, size)
+        limit = ATOL + RTOL * scale
+        log(f"verified {fmt} against PyTorch on random inputs at batch {' and '.join(map(str, VERIFY_BATCHES))}: "
+            f"max |difference| {error:.3g} (tolerance {limit:.3g} = {ATOL:g} + {RTOL:g} x max|logit| {scale:.3g})")
+        if not error <= limit:
+            raise UserError(f"export to {fmt} FAILED verification: max logit difference {error:.3g} exceeds "
+                            f"{limit:.3g}; {out} was not written", exit_code=1)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, a read-only folder: name the file
+        raise WriteError(out, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log(f"wrote {out} ({fmt}, BatchNorm folded, input {'N' if fmt == 'torchscript' or dynamic_batch else 1}x3x"
+        f"{size}x{size} in [-1, 1], {model.num_classes} classes)")
+    return error
+
+
+def run(args) -> int:
+    if args.opset < 7:
+        raise UserError(f"--opset must be 7 or more, got {args.opset}")
+    if args.format == "torchscript" and args.dynamic_batch:
+        print("note: --dynamic-batch is implied for TorchScript")
+    export(args.weights, args.format, args.out, args.dynamic_batch, args.opset, args.image_size)
+    return 0
