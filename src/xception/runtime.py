@@ -96,14 +96,10 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place across the processes ("sum" or "max"); the tensor itself with one process."""
         if self.distributed:
-            td.all_reduce(tensor, op=td.ReduceOp.SUM)
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            td.all_reduce(tensor, op=td.ReduceOp.MAX)
+            td.all_reduce(tensor, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX}[op])
         return tensor
 
     def barrier(self) -> None:

@@ -115,7 +115,7 @@ class StepGuard(Hook):
         """One read of the device (and one all-reduce with several processes): any rank's signal, and the
         earliest step at which any rank's non-finite streak reached the limit."""
         flags = torch.stack([-self._hit, torch.tensor(1 if self.signal_name else 0, device=self.ctx.device)])
-        neg_hit, signalled = self.ctx.all_reduce_max(flags).tolist()
+        neg_hit, signalled = self.ctx.all_reduce(flags, "max").tolist()
         if -neg_hit < NEVER:
             self.stop, self.stop_step = "nonfinite", -neg_hit
         elif signalled:

@@ -123,12 +123,12 @@ def train_one_epoch(step: Step, loader, ctx: DistContext, plan: EpochPlan, hooks
             break
     synchronize(device)
     t_end = time.perf_counter()
-    totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(done - plan.start_step), device=device,
+    totals = ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done - plan.start_step), device=device,
                                                                      dtype=torch.float64)]))
     counts = torch.tensor([seen, timed], dtype=torch.float64, device=device)
     elapsed = torch.tensor([t_end - t0], dtype=torch.float64, device=device)
-    ctx.all_reduce_sum(counts)
-    ctx.all_reduce_max(elapsed)
+    ctx.all_reduce(counts)
+    ctx.all_reduce(elapsed, "max")
     loss_total, steps_total = totals.tolist()
     seen_total, timed_total = counts.tolist()
     return EpochStats(loss=loss_total / max(steps_total, 1), images_per_sec=timed_total / max(elapsed.item(), 1e-9),
@@ -153,7 +153,7 @@ class TopK:
         self.count += targets.shape[0]
 
     def result(self, ctx: DistContext) -> dict:
-        sums = ctx.all_reduce_sum(torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64,
+        sums = ctx.all_reduce(torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64,
                                                                       device=self.device)]))
         loss, top1, top5, count = sums.tolist()
         count = max(count, 1)
@@ -175,7 +175,7 @@ class Confusion:
 
     def result(self, ctx: DistContext) -> dict:
         n = self.num_classes
-        return {"confusion": ctx.all_reduce_sum(self.counts).view(n, n).long().cpu()}
+        return {"confusion": ctx.all_reduce(self.counts).view(n, n).long().cpu()}
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ def _epoch(t: Training, epoch: int) -> dict:
     t.fps[0] += stats.images_per_sec * stats.seconds
     t.fps[1] += stats.seconds
     images, overflow = _fault_counts(t)
-    during = int(ctx.all_reduce_sum(torch.tensor([float(images - before[0])], dtype=torch.float64,
+    during = int(ctx.all_reduce(torch.tensor([float(images - before[0])], dtype=torch.float64,
                                                  device=ctx.device)).item())
     row = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"], "top1": val["top1"],
            "top5": val["top5"], "lr": t.step.lr, "images_per_sec": stats.images_per_sec,

@@ -129,5 +129,6 @@ def prepare(data_path: str, out: str, settings: ShardSettings = ShardSettings(),
     write_text(index_path, json.dumps(index, indent=1))
     log(f"prepared {out}: " + ", ".join(f"{n} {index['splits'][n]['count']} images in "
                                         f"{len(index['splits'][n]['shards'])} shards" for n in ("train", "val"))
-        + f" (short side <= {settings.max_size} px, JPEG quality {settings.quality})")
+        + (f" (short side <= {settings.max_size} px" if settings.max_size else " (original size")
+        + f", JPEG quality {settings.quality})")
     return index
