@@ -4,6 +4,7 @@ checkpoint's own input settings, and the decode-check cache that spares a resume
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,16 @@ def test_a_checkpoint_of_a_newer_format_version_is_refused_with_one_line(tmp_pat
         Checkpoint.load(str(path))
 
 
+@pytest.fixture(scope="module")
+def one_epoch(shared_data, tmp_path_factory):
+    """The output folder of epoch 1 of a 2-epoch TINY run (copied by each test that resumes it)."""
+    out = tmp_path_factory.mktemp("one-epoch") / "o"
+    proc = run_cli("train", "--data_path", shared_data, "--output-dir", out, *TINY, "--epochs", 2,
+                   "--stop-after-epochs", 1)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def _limited(limit_bytes):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
@@ -76,13 +87,13 @@ def _limited(limit_bytes):
 @pytest.mark.faults
 @pytest.mark.parametrize("culprit", ["checkpoint.pth.tar", "metrics.csv"])
 def test_a_failed_write_ends_the_run_with_one_line_naming_the_file_and_the_intact_checkpoint(
-        shared_data, tmp_path, culprit):
+        shared_data, one_epoch, tmp_path, culprit):
     """A file-size limit (as a full disk would) stops a write of the resumed run's epoch 2: the checkpoint
     (~180 MB, limit 4 MB), or metrics.csv (grown past a 4 KB limit by rows of earlier runs). One line names
     the file, the OS reason and the intact epoch-1 checkpoint; exit 74; no temporary file left behind."""
     out = tmp_path / "o"
+    shutil.copytree(one_epoch, out)
     common = ["train", "--data_path", shared_data, "--output-dir", out, *TINY, "--epochs", 2]
-    assert run_cli(*common, "--stop-after-epochs", 1).returncode == 0
     good = (out / "checkpoint.pth.tar").read_bytes()
     limit = 4 << 20
     if culprit == "metrics.csv":
