@@ -21,6 +21,23 @@ def square_data(root, n_train=12):
     return make_image_folder(root, classes=("a", "b"), n_train=n_train, n_val=5, size=(71, 71))
 
 
+def kill_tree(pid):
+    """SIGKILL a process and every process below it (found through /proc)."""
+    kids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    for kid in kids:
+        kill_tree(kid)
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+
+
 def torchrun(nproc, *args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
@@ -133,3 +150,44 @@ def test_two_nodes_on_one_machine_train_and_checkpoint(tmp_path):
     assert (tmp_path / "out" / "checkpoint.pth.tar").exists()
     assert sum(o[0].count("Final Train Accuracy") for o in outs) == 1
     assert "training on 2 x cpu" in outs[0][0]
+
+
+def test_evaluation_after_training_with_a_rank_that_has_no_val_batch_finishes(tmp_path):
+    """A shard set with one val shard for two processes: rank 1 has no val batch. Evaluating through DDP
+    made rank 0 wait in DDP's buffer broadcast while rank 1 went on to the final all-reduce (a hang on
+    NCCL, a mismatch on gloo); the engine now syncs the BatchNorm buffers once and evaluates the plain
+    module. The 2-process epoch's val figures must equal a 1-process eval of its checkpoint."""
+    data = make_image_folder(tmp_path / "d", n_train=4, n_val=3)  # 12 train, 9 val
+    shards = tmp_path / "shards"
+    assert run_cli("prepare", "--data_path", data, "--out", shards, "--shard-size", 10, "--min-shards", 1,
+                   "-j", 1).returncode == 0
+    index = __import__("json").loads((shards / "index.json").read_text())
+    assert [len(index["splits"][s]["shards"]) for s in ("train", "val")] == [2, 1]
+    out = tmp_path / "two"
+    proc = subprocess.Popen([sys.executable, "-m", "xception", "train", "--nproc", "2", "--data_path", str(shards),
+                             "--epochs", "1", "-b", "4", "--output-dir", str(out), *map(str, SMALL)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # the bug: kill the ranks too (torchrun starts each in its own session)
+        kill_tree(proc.pid)
+        proc.communicate()
+        pytest.fail("the 2-process run hung in evaluation")
+    assert proc.returncode == 0, err[-3000:]
+    with open(out / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    one = run_cli("eval", "--data_path", shards, "--resume", out / "checkpoint.pth.tar", "-b", 4, "-j", 0,
+                  "--output-dir", tmp_path / "e", timeout=240)
+    count, loss, top1, _ = eval_figures(one)
+    assert count == "9" and float(top1) == pytest.approx(float(row["top1"]), abs=1e-3)
+    assert float(loss) == pytest.approx(float(row["val_loss"]), rel=1e-4)
+
+
+def test_an_explicit_device_index_is_refused_with_several_processes(tiny_data, tmp_path):
+    """Every rank takes the device of its local rank; `--device cuda:1` with 2 processes would put both on
+    GPU 1 (NCCL then fails on a duplicate GPU). Refused in one line, before any process starts."""
+    from conftest import one_line_error
+    line = one_line_error(run_cli("train", "--nproc", 2, "--device", "cuda:1", "--data_path", tiny_data,
+                                  "--output-dir", tmp_path / "o", "-b", 4))
+    assert "--device cuda:1" in line and "2 processes" in line and "--device cuda" in line

@@ -168,6 +168,9 @@ class Config:
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              f"--crop-scale needs 0 < MIN <= MAX <= 1, got {self.crop_scale[0]} {self.crop_scale[1]}"),
             (self.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype must be float16 or bfloat16, got {self.amp_dtype}"),
+            (world_size == 1 or ":" not in self.device,
+             f"--device {self.device}: with {world_size} processes each takes the device of its local rank; "
+             f"give --device {self.device.split(':')[0]} (and CUDA_VISIBLE_DEVICES to choose the devices)"),
             (self.batch_size % world_size == 0,
              f"--batch-size {self.batch_size} is the global batch and must divide evenly by the "
              f"{world_size} processes; use a multiple of {world_size}"),
