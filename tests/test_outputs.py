@@ -165,3 +165,15 @@ def test_the_decode_check_remembers_good_files_and_checks_changed_ones_again(tin
     checked.clear()
     assert [p for p, _ in check.find_bad([train, val], ctx, 1, cache, log=lambda *a: None)] == [changed]
     assert checked == [changed]  # a bad file is never remembered as good
+
+
+@pytest.mark.faults
+def test_prepare_that_cannot_write_a_shard_says_so_in_one_line(shared_data, tmp_path):
+    """A full disk while `xception prepare` writes a shard: one line naming the shard, exit 74."""
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "-m", "xception", "prepare", "--data_path", shared_data, "--out", str(out),
+                           "--shard-size", "12", "--min-shards", "1", "-j", "1"], capture_output=True, text=True,
+                          preexec_fn=_limited(8 << 10), timeout=300)
+    assert proc.returncode == EXIT_WRITE
+    line = one_line_error(proc)
+    assert f"cannot write {out / 'train-000000.tar'}: File too large" in line, line

@@ -207,7 +207,7 @@ def test_folder_loader_with_a_worker(tmp_path):
     cfg = Config(data_path=root, image_size=71, crop_pct=0.875, batch_size=2, workers=1, seed=0,
                  check_data=False)
     val = build_loaders(cfg, DistContext(torch.device("cpu")), need_train=False, log=lambda *a: None).val
-    assert len(val) == 2 and val.batch_size == 2 and val.num_samples == 3 and not val.on_device
+    assert len(val) == 2 and val.batch_size == 2 and val.num_samples == 3
     batches = list(val)
     assert [b[0].shape[0] for b in batches] == [2, 1]
     assert all(b[0].dtype == torch.uint8 and b[0].is_contiguous(memory_format=torch.channels_last)

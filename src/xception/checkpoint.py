@@ -76,7 +76,7 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, obj: dict, source: str) -> "Checkpoint":
         """Our dict (any version up to VERSION). Refuses another program's file or a newer version."""
-        if obj.get("format") != FORMAT:
+        if not is_checkpoint(obj):
             raise UserError(f"{source}: not a checkpoint written by xception train")
         version = int(obj.get("version", 1))
         if version > VERSION:

@@ -55,9 +55,11 @@ def atomic_write(path: str, write, mode: str = "wb") -> None:
         tmp = None
     except OSError as e:
         raise WriteError(path, e) from None
-    except RuntimeError as e:  # torch.save's zip writer reports a failed write as a RuntimeError
-        cause = e.__context__ if isinstance(e.__context__, OSError) else OSError(str(e).splitlines()[0][:120])
-        raise WriteError(path, cause) from None
+    except RuntimeError as e:
+        if not isinstance(e.__context__, OSError):
+            raise  # not a failed write: a bug deserves its traceback
+        # torch.save's zip writer meets the OSError (e.g. EFBIG), then fails with a RuntimeError of its own
+        raise WriteError(path, e.__context__) from None
     finally:
         if tmp is not None:
             try:

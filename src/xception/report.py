@@ -24,14 +24,14 @@ CONFUSION_CSV_MAX_CLASSES = 100
 
 class Progress:
     """A tqdm bar on a terminal; a plain line every `print_freq` iterations otherwise (logs, CI). With a
-    TensorBoard writer, the numeric values also go there at global step `base + step`."""
+    TensorBoard writer (`board`), the values also go there at global step `base + step`."""
 
-    def __init__(self, enabled: bool, total: int, desc: str, print_freq: int = 10, stream=None):
+    def __init__(self, enabled: bool, total: int, desc: str, print_freq: int = 10, board=None, base: int = 0):
         self.enabled, self.total, self.desc, self.print_freq = enabled, total, desc, print_freq
-        self.stream = stream or sys.stderr
+        self.board, self.base = board, base
+        self.stream = sys.stderr
         self.bar = None
         self.done = 0
-        self.board, self.base = None, 0
         if enabled and self.stream.isatty():
             self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
 
@@ -208,9 +208,7 @@ class Reporter:
             log(f"tensorboard: logging to {path} (view with: tensorboard --logdir {path})")
 
     def progress(self, total: int, desc: str, global_base: int = 0) -> Progress:
-        bar = Progress(self.main, total, desc, self.cfg.print_freq)
-        bar.board, bar.base = self.board, global_base
-        return bar
+        return Progress(self.main, total, desc, self.cfg.print_freq, self.board, global_base)
 
     def epoch(self, row: dict, faults: tuple = ()) -> None:
         """The epoch line, a metrics.csv row and the epoch's TensorBoard scalars."""

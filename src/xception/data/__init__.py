@@ -51,8 +51,7 @@ def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None 
         (train_split, val_split), skipped = screen([train_split, val_split], cfg, ctx, log)
 
     def folder_loader(split, train: bool, gen: torch.Generator) -> FolderLoader:
-        transform = build_transform(cfg.loader, train, cfg.image_size, cfg.crop_pct, cfg.crop_scale, cfg.hflip)
-        return FolderLoader(FolderDataset(split, transform, cfg.skip_bad_images), cfg, ctx, train, gen)
+        return FolderLoader(FolderDataset(split, build_transform(cfg, train), cfg.skip_bad_images), cfg, ctx, train, gen)
 
     train = folder_loader(train_split, True, generator or torch.Generator()) if need_train else None
     return Loaders(val_split.classes, train, folder_loader(val_split, False, torch.Generator()), skipped)

@@ -118,10 +118,10 @@ class CheckCache:
             except (OSError, ValueError):
                 self.known = np.zeros(0, dtype=np.uint64)  # unreadable: check everything again
 
-    @staticmethod
-    def keys(paths: list) -> np.ndarray:
+    def keys(self, paths: list) -> np.ndarray:
+        """The files' keys; all 0 (= check it) without a cache folder, so that no file is stat-ed."""
         out = np.zeros(len(paths), dtype=np.uint64)
-        for i, path in enumerate(paths):
+        for i, path in enumerate(paths if self.path else ()):
             try:
                 st = os.stat(path)
             except OSError:
@@ -134,9 +134,10 @@ class CheckCache:
         return ~np.isin(keys, self.known) | (keys == 0)
 
     def add_and_save(self, keys: np.ndarray, log=print) -> None:
-        if self.path is None or not len(keys):
+        new = np.setdiff1d(keys[keys != 0], self.known)
+        if self.path is None or not len(new):
             return
-        self.known = np.union1d(self.known, keys[keys != 0])
+        self.known = np.union1d(self.known, new)
         try:
             atomic_write(self.path, lambda f: np.save(f, self.known, allow_pickle=False))
         except WriteError as e:  # only a cache: the next run checks everything again
@@ -152,22 +153,22 @@ def find_bad(splits: list, ctx, workers: int, cache_dir: str | None = None, log=
             log(f"warning: {show(split.root)}: {ignored} file(s) without an image extension ignored "
                 f"(e.g. {show(example)})")
     paths = [p for s in splits for p, _ in s.samples]
-    cache = CheckCache(cache_dir) if cache_dir else None  # every rank reads it; rank 0 writes it
+    cache = CheckCache(cache_dir)  # every rank reads it; rank 0 writes it
     mine = paths[ctx.rank::ctx.world_size]
-    keys = CheckCache.keys(mine) if cache is not None else None
-    todo = [p for p, new in zip(mine, cache.unchecked(keys) if cache is not None else [True] * len(mine)) if new]
+    keys = cache.keys(mine)
+    todo = [p for p, new in zip(mine, cache.unchecked(keys)) if new]
     bad = scan_files(todo, workers, "check-data")
-    good = keys[np.isin(mine, [b[0] for b in bad], invert=True)] if keys is not None else None
+    bad_paths = {p for p, _ in bad}
+    good = keys[[p not in bad_paths for p in mine]]
+    checked = len(todo)
     if ctx.world_size > 1:
         parts = [None] * ctx.world_size
-        td.all_gather_object(parts, (bad, len(todo), good))
+        td.all_gather_object(parts, (bad, checked, good))
         bad = [b for part in parts for b in part[0]]
         checked = sum(part[1] for part in parts)
-        good = np.concatenate([part[2] for part in parts]) if good is not None else None
-    else:
-        checked = len(todo)
-    if cache is not None and ctx.is_main:
-        if checked < len(paths):
+        good = np.concatenate([part[2] for part in parts])
+    if ctx.is_main:
+        if cache.path and checked < len(paths):
             log(f"check-data: {checked} new or changed of {len(paths)} images decode-checked; the other "
                 f"{len(paths) - checked} passed an earlier check ({cache.path})")
         cache.add_and_save(good, log)

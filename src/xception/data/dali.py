@@ -80,8 +80,6 @@ class DaliLoader(Loader):
     """(uint8 N x 3 x H x W images with NHWC memory, int64 labels), both on the GPU, `steps` batches.
     DALI reshuffles by itself after every epoch (the reader's shuffle_after_epoch)."""
 
-    on_device = True
-
     def __init__(self, iterator, split: Split, steps: int, batch: int):
         self.iterator, self.steps, self.batch_size = iterator, steps, batch
         self.num_samples = len(split.samples)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from ..config import PIXEL_MEAN, PIXEL_STD
+from ..files import show
 from ..runtime import cpu_count
 from .check import BadImageError, failed_sample
 from .folder import Split
@@ -28,7 +29,7 @@ class Loader:
     """An epoch's batches on one process, as the engine sees them:
 
     * iterating yields (images, targets): images uint8, N x 3 x H x W (NHWC memory on the fast paths), on
-      the CPU or, with `on_device`, already on the device; targets int64 class indices;
+      the CPU or already on the device (DALI); targets int64 class indices;
     * `len()` is the number of batches this process yields in an epoch (every process the same in training);
     * `batch_size` is the per-process batch, `num_samples` the images of the split over all processes;
     * `set_epoch(epoch, start_step)` before each training epoch: the epoch's order, starting after
@@ -38,7 +39,6 @@ class Loader:
 
     batch_size: int
     num_samples: int
-    on_device: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -142,7 +142,7 @@ class FolderDataset(Dataset):
                 info = get_worker_info()
                 self.counts[0 if info is None else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
                 index = (index + 1) % len(self)
-        raise BadImageError(f"{self.split.samples[index][0]}: {MAX_SKIPS_IN_A_ROW} unreadable files in a row; "
+        raise BadImageError(f"{show(self.split.samples[index][0])}: {MAX_SKIPS_IN_A_ROW} unreadable files in a row; "
                             f"run `xception check-data` on the dataset and fix it")
 
 

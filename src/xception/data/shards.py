@@ -195,7 +195,7 @@ def shard_loader(index: dict, base: str, train: bool, cfg, ctx, log=print) -> Sh
     split = index["splits"][name]
     per_rank, _ = per_process(cfg, ctx)
     workers = _workers_for(len(split["shards"]), name, train, cfg, ctx, log)
-    transform = build_transform(cfg.loader, train, cfg.image_size, cfg.crop_pct, cfg.crop_scale, cfg.hflip)
+    transform = build_transform(cfg, train)
     stream = ShardStream(base, split, transform, per_rank, train, Slots(ctx.rank, ctx.world_size, workers,
                                                                         cfg.seed or 0))
     if train and stream.quota < 1:

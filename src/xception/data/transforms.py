@@ -242,12 +242,11 @@ def pil_eval(size: int, crop_pct: float) -> PilTransform:
                                    antialias=True), v2.CenterCrop(size)])
 
 
-def build_transform(loader: str, train: bool, size: int, crop_pct: float, crop_scale=(0.08, 1.0),
-                    hflip: bool = True) -> FileTransform:
-    """The transform of `--loader` (pil: the reference; anything else: the uint8 path)."""
-    if loader == "pil":
-        return pil_train(size, crop_scale, hflip) if train else pil_eval(size, crop_pct)
-    return Uint8Train(size, crop_scale, hflip) if train else Uint8Eval(size, crop_pct)
+def build_transform(cfg, train: bool) -> FileTransform:
+    """The run's train or eval transform: cfg.loader pil is the reference, anything else the uint8 path."""
+    if cfg.loader == "pil":
+        return pil_train(cfg.image_size, cfg.crop_scale, cfg.hflip) if train else pil_eval(cfg.image_size, cfg.crop_pct)
+    return Uint8Train(cfg.image_size, cfg.crop_scale, cfg.hflip) if train else Uint8Eval(cfg.image_size, cfg.crop_pct)
 
 
 def collate(batch: list) -> tuple:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ..config import Config, UserError
-from ..model.deploy import OnnxModel
-from ..model.weights import build_model, eval_settings, load_into, read_weights, sniff
+from ..model.deploy import Opened, open_weights
+from ..model.weights import build_model, eval_settings, load_into
 from ..report import write_eval_report
 from ..runtime import rank_zero_log, synchronize
 from .loop import Confusion, evaluate
@@ -20,38 +19,12 @@ from .precision import Precision
 from .setup import Run
 
 
-@dataclass
-class Evaluated:
-    """What is evaluated: the weights as read (or the ONNX graph), what they say about themselves."""
-    source: str
-    weights: object  # model.weights.Weights, or an OnnxModel
-    saved: dict  # the image_size / crop_pct the weights were trained and evaluated at, where known
-    class_names: list | None
-
-    @property
-    def is_onnx(self) -> bool:
-        return isinstance(self.weights, OnnxModel)
-
-
-def open_weights(path: str) -> Evaluated:
-    if sniff(path, "--weights") == "onnx":
-        graph = OnnxModel(path)
-        saved = {"image_size": graph.image_size, "crop_pct": graph.meta.get("crop_pct")}
-        return Evaluated(path, graph, saved, graph.meta.get("class_names"))
-    weights = read_weights(path, "--weights")
-    saved = {k: weights.args.get(k) for k in ("image_size", "crop_pct")}
-    return Evaluated(path, weights, saved, weights.class_names)
-
-
 def evaluate_weights(cfg: Config) -> dict:
     """Evaluate --resume/--weights on DATA/val; print loss, top-1/top-5 and the seed's result block."""
     t_start = time.perf_counter()
     if not cfg.resume:
         raise UserError("xception eval needs the weights to evaluate: --resume PATH (or --weights PATH)")
-    what = open_weights(cfg.resume)
-    if what.is_onnx and cfg.image_size and what.saved["image_size"] and cfg.image_size != what.saved["image_size"]:
-        raise UserError(f"--image-size {cfg.image_size}: {cfg.resume} was exported for "
-                        f"{what.saved['image_size']} px inputs")
+    what = open_weights(cfg.resume, cfg.image_size)
     size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log())
     run = Run(cfg.replace(image_size=size, crop_pct=crop), need_train=False, kind="eval")
     try:
@@ -74,14 +47,14 @@ def evaluate_weights(cfg: Config) -> dict:
         run.close()
 
 
-def _model(run: Run, what: Evaluated) -> tuple:
+def _model(run: Run, what: Opened) -> tuple:
     """(callable model, precision, channels_last, device name for the case log)."""
-    if what.is_onnx:
+    if what.graph is not None:
         if run.ctx.distributed:
             raise UserError("evaluating an .onnx file runs in one process; leave out --nproc/torchrun")
-        run.log(f"eval {what.source} with onnxruntime ({', '.join(what.weights.session.get_providers())}), "
+        run.log(f"eval {what.source} with onnxruntime ({', '.join(what.graph.session.get_providers())}), "
                 f"{run.cfg.image_size} px, crop {run.cfg.crop_pct}")
-        return what.weights, Precision("cpu"), False, "onnxruntime"
+        return what.graph, Precision("cpu"), False, "onnxruntime"
     net = build_model(None, len(run.classes), keras_exact=what.weights.keras_exact)
     load_into(net, what.weights, allow_new_head=False, log=run.log)
     model = run.place(net, frozen=True)  # the weights stay fixed in an eval run

@@ -123,12 +123,12 @@ class StepGuard(Hook):
             self.signal_name = self.signal_name or "a signal on another rank"
         return self.stop is not None
 
-    def diverged_message(self, epoch: int, ckpt_path: str, last_epoch_saved) -> str:
+    def diverged_message(self, epoch: int, ckpt_path: str | None, last_epoch_saved: int) -> str:
         where = f"epoch {epoch + 1} step {self.stop_step}"
         why = (f"for {self.limit} steps in a row (--max-nonfinite-steps {self.limit}), with fp16 loss scaling"
                if self.loss_scaling else "without loss scaling, so the weights are already damaged")
         kept = (f"the last good checkpoint {ckpt_path} (epoch {last_epoch_saved}) is kept unchanged"
-                if last_epoch_saved else "no checkpoint had been written yet")
+                if ckpt_path else "no checkpoint had been written yet")
         return (f"the training loss is not finite at {where} ({why}); stopped without saving: {kept}; "
                 f"lower --lr or add --warmup-epochs, then continue with --resume or start over")
 
@@ -164,8 +164,6 @@ class HeadOnly(Hook):
             self.unfreeze()
             if epoch == self.epochs:
                 self.log(f"epoch {epoch + 1}: backbone unfrozen, training the whole network")
-
-    set_epoch = epoch_start
 
     def _freeze(self) -> None:
         def backbone_eval(module, inputs):

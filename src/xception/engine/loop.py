@@ -67,10 +67,8 @@ class EpochStats:
     loss: float
     images_per_sec: float
     seconds: float
-    images: int
     steps_done: int = 0  # of the epoch, counted from its start
     first_step_seconds: float = 0.0  # includes torch.compile's compilation on the first call
-    stopped: bool = False  # a hook stopped the epoch early
 
 
 class Hook:
@@ -94,8 +92,8 @@ def train_one_epoch(step: Step, loader, ctx: DistContext, plan: EpochPlan, hooks
     device, n = ctx.device, plan.steps
     skip = min(plan.start_step + TIMING_WARMUP_ITERS, n - 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = timed = done = 0
-    first_step, stopped = 0.0, False
+    timed = done = 0
+    first_step = 0.0
     t_epoch = t0 = time.perf_counter()
     batches = iter(loader)  # a loader that cannot skip unread drops the resumed epoch's first batches here
     for hook in hooks:
@@ -108,7 +106,6 @@ def train_one_epoch(step: Step, loader, ctx: DistContext, plan: EpochPlan, hooks
             synchronize(device)
             first_step = time.perf_counter() - t_epoch
         loss_sum += loss
-        seen += images.shape[0]
         timed += images.shape[0] if i >= skip else 0
         if i == skip - 1:
             synchronize(device)
@@ -119,28 +116,22 @@ def train_one_epoch(step: Step, loader, ctx: DistContext, plan: EpochPlan, hooks
             rate = timed * ctx.world_size / max(time.perf_counter() - t0, 1e-9) if timed else 0.0
             progress.update(done, loss=loss.item(), lr=step.lr, img_s=rate)
         if any([hook.after_step(i, loss, check) for hook in hooks]):  # every hook sees every step
-            stopped = True
             break
     synchronize(device)
     t_end = time.perf_counter()
-    totals = ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done - plan.start_step), device=device,
-                                                                     dtype=torch.float64)]))
-    counts = torch.tensor([seen, timed], dtype=torch.float64, device=device)
-    elapsed = torch.tensor([t_end - t0], dtype=torch.float64, device=device)
-    ctx.all_reduce(counts)
-    ctx.all_reduce(elapsed, "max")
-    loss_total, steps_total = totals.tolist()
-    seen_total, timed_total = counts.tolist()
-    return EpochStats(loss=loss_total / max(steps_total, 1), images_per_sec=timed_total / max(elapsed.item(), 1e-9),
-                      seconds=t_end - t_epoch, images=int(seen_total), steps_done=done,
-                      first_step_seconds=first_step, stopped=stopped)
+    # over the processes: one sum (loss, steps, timed images) and one max (the slowest one's time)
+    counts = torch.tensor([done - plan.start_step, timed], dtype=torch.float64, device=device)
+    loss_total, steps_total, timed_total = ctx.all_reduce(torch.cat([loss_sum.view(1), counts])).tolist()
+    elapsed = ctx.all_reduce(torch.tensor([t_end - t0], dtype=torch.float64, device=device), "max").item()
+    return EpochStats(loss=loss_total / max(steps_total, 1), images_per_sec=timed_total / max(elapsed, 1e-9),
+                      seconds=t_end - t_epoch, steps_done=done, first_step_seconds=first_step)
 
 
 @dataclass
 class TopK:
     """Summed cross-entropy, top-1 and top-5 hits (on the device), and the image count (on the host)."""
     device: torch.device
-    sums: torch.Tensor = None
+    sums: torch.Tensor = field(init=False)
     count: int = 0
 
     def __post_init__(self):

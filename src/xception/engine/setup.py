@@ -15,7 +15,7 @@ from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, Config, UserError, de
 from ..data import build_loaders
 from ..model.deploy import compile_frozen
 from ..report import Reporter
-from ..runtime import cleanup, convert_sync_batchnorm, default_channels_last, setup
+from ..runtime import cleanup, convert_sync_batchnorm, default_channels_last, on_main, setup
 from .precision import make_precision
 
 
@@ -43,8 +43,7 @@ class Run:
         self.log = print if self.ctx.is_main else (lambda *a, **k: None)
         self.cfg = cfg.replace(seed=self._agreed_seed(cfg.seed), image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
                                crop_pct=cfg.crop_pct or DEFAULT_CROP_PCT)
-        if self.ctx.is_main:
-            check_output_dir(cfg.output_dir)
+        on_main(self.ctx, check_output_dir, cfg.output_dir)  # only rank 0 writes there; all hear of a failure
         self.generator = torch.Generator()  # the training order and the loader workers' seeds
         loaders = build_loaders(self.cfg, self.ctx, need_train, self.generator, self.log)
         self.classes, self.train_loader, self.val_loader = loaders.classes, loaders.train, loaders.val

@@ -15,7 +15,6 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from ..checkpoint import Checkpoint, unwrap
 from ..config import BEST_NAME, CHECKPOINT_NAME, Config, UserError
 from ..files import WriteError, copy_atomic
-from ..model import Xception
 from ..model.weights import build_model, from_checkpoint, load_into, read_weights
 from ..report import FAULT_COLUMNS
 from ..runtime import broadcast_buffers, gather_rng, on_main
@@ -50,7 +49,8 @@ class Training:
     start_epoch: int = 0
     start_step: int = 0  # of the first epoch, after a mid-epoch resume
     best_top1: float = -math.inf
-    saved_epoch: int = 0  # the epoch of the last checkpoint on disk (0: none)
+    saved_path: str | None = None  # the last good checkpoint on disk: the resumed one, then ckpt_path
+    saved_epoch: int = 0  # its epoch
     fps: list = field(default_factory=lambda: [0.0, 0.0])  # images and seconds over the epochs
 
 
@@ -80,10 +80,8 @@ def _setup(run: Run) -> Training:
     resume = on_main(ctx, _resume_source, cfg, ckpt_path)  # rank 0 decides: the folder may not be shared
     run.cfg = cfg = cfg.replace(resume=resume)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if cfg.pretrained:
-        net = build_model(read_weights(cfg.pretrained, "--pretrained"), len(run.classes), cfg.drop_rate, log=log)
-    else:
-        net = Xception(num_classes=len(run.classes), drop_rate=cfg.drop_rate)
+    pretrained = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log)
     ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
     if ckpt is not None:
         run.check_classes(ckpt.class_names, cfg.resume)
@@ -130,7 +128,8 @@ def _resume(t: Training, ckpt: Checkpoint) -> None:
     except (KeyError, ValueError) as e:
         raise UserError(f"--resume {cfg.resume}: holds no resumable training state ({e}); "
                         f"use --pretrained to start a new run from its weights")
-    t.start_epoch, t.best_top1, t.saved_epoch = ckpt.epoch, ckpt.best_acc1, ckpt.epoch
+    t.start_epoch, t.best_top1 = ckpt.epoch, ckpt.best_acc1
+    t.saved_path, t.saved_epoch = cfg.resume, ckpt.epoch
     t.start_step = resume_position(ckpt, t.guard, t.run.ctx, log)
     log(f"resumed from {cfg.resume}: epoch {t.start_epoch} done"
         + (f" and {t.start_step} steps of epoch {t.start_epoch + 1}" if t.start_step else "")
@@ -178,7 +177,7 @@ def _epoch(t: Training, epoch: int) -> dict:
                 f"counted in img/s)")
     t.start_step = 0
     if t.guard.stop == "nonfinite":  # the weights may be damaged: keep the last checkpoint as it is
-        raise Diverged(t.guard.diverged_message(epoch, t.ckpt_path, t.saved_epoch))
+        raise Diverged(t.guard.diverged_message(epoch, t.saved_path, t.saved_epoch))
     if t.guard.stop == "signal":
         _save_and_stop(t, epoch, stats.steps_done)
     broadcast_buffers(t.net, ctx)  # every rank evaluates rank 0's BatchNorm statistics, without DDP
@@ -199,7 +198,7 @@ def _epoch(t: Training, epoch: int) -> dict:
     run.report.epoch(row, tuple(shown))
     if ctx.is_main:
         _checkpoint(t, epoch + 1).save(t.ckpt_path)
-        t.saved_epoch = epoch + 1
+        t.saved_path, t.saved_epoch = t.ckpt_path, epoch + 1
         if is_best:
             copy_atomic(t.ckpt_path, os.path.join(cfg.output_dir, BEST_NAME))
     ctx.barrier()
@@ -226,10 +225,9 @@ def _finish(t: Training, last: dict, e2e: float) -> dict:
 
 def _write_failed(e: WriteError, t: Training | None) -> WriteError:
     """The one line for a failed write: which file and why, which checkpoint is intact, how to go on."""
-    intact = (t.ckpt_path if t.saved_epoch else t.run.cfg.resume) if t is not None else None
-    if intact:
-        e.args = (f"{e.args[0]}; the last intact checkpoint is {intact} (epoch {t.saved_epoch}): free "
-                  f"space, then continue with the same flags and --resume {intact}",)
+    if t is not None and t.saved_path:
+        e.args = (f"{e.args[0]}; the last intact checkpoint is {t.saved_path} (epoch {t.saved_epoch}): free "
+                  f"space, then continue with the same flags and --resume {t.saved_path}",)
     else:
         e.args = (f"{e.args[0]}; no checkpoint of this run was written yet: free space and start again",)
     return e

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import DEFAULT_OPSET, PIXEL_MEAN, PIXEL_STD, UserError
+from .weights import Weights, read_weights, sniff
 from .xception import SeparableConv2d, Xception
 
 ATOL = 1e-4
@@ -168,3 +170,27 @@ class OnnxModel:
 
     def num_outputs(self) -> int:
         return int(self.num_classes or self.session.get_outputs()[0].shape[-1])
+
+
+@dataclass
+class Opened:
+    """Weights to run: read into our names (`weights`) or an exported graph (`graph`), with what they say
+    about their own use: the input size and crop they were trained and evaluated at, and class names."""
+    source: str
+    weights: Weights | None
+    graph: OnnxModel | None
+    saved: dict  # image_size / crop_pct where known (our checkpoint's args, the graph's metadata)
+    class_names: list | None
+
+
+def open_weights(path: str, image_size: int | None = None, flag: str = "--weights") -> Opened:
+    """Any weights file, or an .onnx graph from `xception export`, for `eval` and `predict`. A graph's
+    input size is fixed: another --image-size is refused."""
+    if sniff(path, flag) != "onnx":
+        weights = read_weights(path, flag)
+        return Opened(path, weights, None, weights.args, weights.class_names)
+    graph = OnnxModel(path, flag)
+    if image_size and graph.image_size and image_size != graph.image_size:
+        raise UserError(f"--image-size {image_size}: {path} was exported for {graph.image_size} px inputs")
+    saved = {"image_size": graph.image_size, "crop_pct": graph.meta.get("crop_pct")}
+    return Opened(path, None, graph, saved, graph.meta.get("class_names"))

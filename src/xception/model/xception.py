@@ -26,15 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, MIN_INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
+from ..config import MIN_INPUT_SIZE
 
 BN_EPS = {False: 1e-5, True: 1e-3}  # keras_exact -> BatchNorm epsilon (PyTorch/timm, Keras)
-
-# What the weights expect at inference, as timm's pretrained configs state it: the eval transform of
-# `xception eval`/`predict` and the metadata of an exported graph follow it unless told otherwise.
-PRETRAINED_CFG = {"input_size": (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), "min_input_size": MIN_INPUT_SIZE,
-                  "crop_pct": DEFAULT_CROP_PCT, "interpolation": "bicubic", "mean": (PIXEL_MEAN,) * 3,
-                  "std": (PIXEL_STD,) * 3, "num_classes": 1000, "classifier": "fc"}
 
 
 class SamePadMaxPool(nn.Module):

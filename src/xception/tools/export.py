@@ -29,10 +29,11 @@ def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset:
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(out)}")
     try:
         example = torch.zeros(1, 3, size, size)
+        folded = fold_batchnorm(model)
         if fmt == "onnx":
-            write_onnx(fold_batchnorm(model), example, tmp, dynamic_batch, opset, meta)
+            write_onnx(folded, example, tmp, dynamic_batch, opset, meta)
         else:
-            write_torchscript(fold_batchnorm(model), example, tmp, meta)
+            write_torchscript(folded, example, tmp, meta)
         error, scale = verify(model, tmp, fmt, size)
         limit = ATOL + RTOL * scale
         log(f"verified {fmt} against PyTorch on random inputs at batch {' and '.join(map(str, VERIFY_BATCHES))}: "

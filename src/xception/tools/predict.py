@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from ..config import MIN_INPUT_SIZE, UserError
 from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
-from ..data.transforms import load_rgb, pil_eval
-from ..model.deploy import OnnxModel
-from ..model.weights import build_model, eval_settings, read_weights, sniff
+from ..data.transforms import pil_eval
+from ..model.deploy import open_weights
+from ..model.weights import build_model, eval_settings
 from ..report import Progress
 from ..runtime import resolve_device
 
@@ -95,7 +95,7 @@ class _Images:
 
     def __getitem__(self, i):
         try:
-            return i, self.transform(load_rgb(self.paths[i])), None
+            return i, self.transform.load(self.paths[i]), None
         except Exception as e:  # any decoder failure: PIL raises OSError, ValueError, SyntaxError, ...
             return i, None, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
@@ -106,18 +106,14 @@ def _collate(items):
 
 def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tuple:
     """(callable on normalised float batches -> logits, class names, image_size, crop_pct)."""
-    if sniff(weights) == "onnx":
-        model = OnnxModel(weights)
-        if opts.image_size and model.image_size and opts.image_size != model.image_size:
-            raise UserError(f"--image-size {opts.image_size}: {weights} was exported for {model.image_size} px inputs")
-        saved, names = {"image_size": model.image_size, "crop_pct": model.meta.get("crop_pct")}, model.meta.get("class_names")
-        num = model.num_outputs()
+    opened = open_weights(weights, opts.image_size)
+    if opened.graph is not None:
+        model, num = opened.graph, opened.graph.num_outputs()
     else:
-        loaded = read_weights(weights)
-        model = build_model(loaded, log=log).eval().to(device)
-        saved, names, num = loaded.args, loaded.class_names, model.num_classes
-    size, pct = eval_settings(saved, opts.image_size, opts.crop_pct, weights, log)
-    return model, class_names_for(names, num), size, pct
+        model = build_model(opened.weights, log=log).eval().to(device)
+        num = model.num_classes
+    size, pct = eval_settings(opened.saved, opts.image_size, opts.crop_pct, weights, log)
+    return model, class_names_for(opened.class_names, num), size, pct
 
 
 def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None) -> dict:

@@ -24,7 +24,7 @@ from ..data.check import default_workers, reason
 from ..data.folder import scan_dataset
 from ..data.shards import FORMAT, INDEX
 from ..data.transforms import load_rgb
-from ..files import show, write_text
+from ..files import WriteError, show, write_text
 
 
 def plan(count: int, shard_size: int, min_shards: int) -> list:
@@ -75,19 +75,22 @@ def _write_shard(path: str, items: list, encoded, n_classes: int, skip_bad: bool
     """One tar file (under a temporary name, renamed when complete); returns its index record."""
     record = {"name": os.path.basename(path), "count": 0, "skipped": 0, "class_counts": [0] * n_classes}
     tmp = path + ".tmp"
-    with wds.TarWriter(tmp, encoder=False, mtime=0) as sink:
-        for (i, source, target), (data, error) in zip(items, encoded):
-            progress.update(1)
-            if error is not None:
-                if not skip_bad:
-                    raise UserError(f"{show(source)}: {error}")
-                log(f"warning: skipping {show(source)}: {error.split(';')[0]}")
-                record["skipped"] += 1
-                continue
-            sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(target).encode()})
-            record["count"] += 1
-            record["class_counts"][target] += 1
-    os.replace(tmp, path)
+    try:
+        with wds.TarWriter(tmp, encoder=False, mtime=0) as sink:
+            for (i, source, target), (data, error) in zip(items, encoded):
+                progress.update(1)
+                if error is not None:
+                    if not skip_bad:
+                        raise UserError(f"{show(source)}: {error}")
+                    log(f"warning: skipping {show(source)}: {error.split(';')[0]}")
+                    record["skipped"] += 1
+                    continue
+                sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(target).encode()})
+                record["count"] += 1
+                record["class_counts"][target] += 1
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the finished shards and index.json stay; a rerun continues
+        raise WriteError(path, e) from None
     return record
 
 
