@@ -136,23 +136,27 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint_untouched(data, tmp_pa
     assert (out / "model_best.pth.tar").read_bytes() == best
 
 
-def _tiny_epoch(loss_fn, scaler, max_nonfinite=4, steps=8, print_freq=100):
+def _tiny_epoch(loss_fn, scaler, max_nonfinite=4, steps=8, print_freq=100, fused=None, static_scale=None):
     """train_one_epoch on a linear model: the real step, scaler and guard, without Xception's cost."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     images = torch.randint(0, 255, (2 * steps, 3, 4, 4), dtype=torch.uint8)
     loader = DataLoader(TensorDataset(images, torch.randint(0, 3, (2 * steps,))), batch_size=2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = DistContext(torch.device("cpu"))
-    guard = StepGuard(ctx, optimizer, scaler is not None, max_nonfinite, log=lambda *a: None)
-    step = Step(model, loss_fn, optimizer, scheduler, Precision("cpu", None, scaler))
+    guard = StepGuard(ctx, scaler is not None, max_nonfinite, log=lambda *a: None)
+    step = Step(model, loss_fn, optimizer, scheduler, Precision("cpu", None, scaler, static_scale))
     train_one_epoch(step, loader, ctx, EpochPlan(steps, print_freq, channels_last=False), hooks=[guard],
                     progress=None)
-    return guard, model
+    return guard, model, step
 
 
-def test_fp16_overflow_skips_the_step_and_counts_it():
+@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("static", [None, 2.0 ** 16])
+def test_fp16_overflow_skips_the_step_and_counts_it(fused, static):
+    """Also with the fused SGD (the CUDA choice), whose post-hook fires on skipped steps too, and with a
+    static --loss-scale, which must stay where it is."""
     calls = {"n": 0}
 
     def loss_fn(logits, targets):  # the first 3 steps overflow once scaled (x 2**16), then none do
@@ -160,9 +164,12 @@ def test_fp16_overflow_skips_the_step_and_counts_it():
         loss = nn.functional.cross_entropy(logits, targets)
         return loss * 1e36 if calls["n"] <= 3 else loss
 
-    guard, _ = _tiny_epoch(loss_fn, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    guard, model, step = _tiny_epoch(loss_fn, scaler, fused=fused, static_scale=static)
     assert guard.stop is None and guard.steps_done == 8
-    assert guard.overflow_skipped == 3 and guard.taken == 5
+    assert step.overflow_skipped() == 3
+    assert scaler.get_scale() == (2.0 ** 16 if static else 2.0 ** 13)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("print_freq", [1, 100])
@@ -175,7 +182,7 @@ def test_non_finite_losses_stop_after_k_in_a_row_with_scaling_or_at_once_without
         return nn.functional.cross_entropy(logits, targets) * float("nan")
 
     scaler = torch.amp.GradScaler("cpu") if scaled else None
-    guard, model = _tiny_epoch(nan_loss, scaler, max_nonfinite=limit, print_freq=print_freq)
+    guard, model, _ = _tiny_epoch(nan_loss, scaler, max_nonfinite=limit, print_freq=print_freq)
     assert guard.stop == "nonfinite" and guard.stop_step == expect_steps
     assert guard.steps_done == (expect_steps if print_freq == 1 else 8)
     if scaled:  # the scaler skipped every step: the weights are still finite

@@ -354,6 +354,103 @@ def test_dali_graph_runs_on_the_cpu_when_dali_is_installed(tmp_path):
     assert np.array(train[0].as_tensor()).shape == (2, 113, 113, 3)
 
 
+def _dali_train_split(tmp_path):
+    """12 tiny training images, each labelled with its own index, so a batch's labels name its files."""
+    from conftest import make_image_folder
+    from xception.data.folder import Split, scan_split
+    root = make_image_folder(tmp_path / "d", n_train=4, n_val=1, size=(40, 32))
+    found = scan_split(f"{root}/train")
+    return Split(found.root, [str(i) for i in range(12)], [(path, i) for i, (path, _) in enumerate(found.samples)])
+
+
+def _dali_train_iterator(split):
+    """The real train graph on DALI's CPU backend, batch 2 (6 steps per DALI epoch), wrapped as dali_loaders
+    wraps it."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    from xception.data import dali
+    where = dali.Placement(2, 0, 1, None, 1, device="cpu")
+    pipe = dali.build_pipeline(split, Config(image_size=32, seed=3), True, where)
+    return DALIGenericIterator([pipe], ["images", "labels"], reader_name=dali.READER, auto_reset=True,
+                               last_batch_policy=LastBatchPolicy.DROP)
+
+
+def _train_epoch_labels(loader, steps_per_epoch, stop_after=None):
+    """One epoch consumed as engine/loop.py train_one_epoch consumes it: n = min(len, --steps-per-epoch)
+    steps, a break on the step past n, or an early break when a hook stops the run (the generator is
+    returned, left suspended). The labels of every batch taken."""
+    n = min(len(loader), steps_per_epoch or len(loader))
+    batches, taken = iter(loader), []
+    for i, (images, targets) in enumerate(batches):
+        if i >= n:
+            break
+        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and targets.dtype == torch.int64
+        taken.append(targets.tolist())
+        if i + 1 == stop_after:
+            break
+    return taken, batches
+
+
+@pytest.mark.parametrize("steps_per_epoch", [2, None])
+def test_dali_loader_starts_every_epoch_at_the_start_of_a_dali_epoch(tmp_path, steps_per_epoch):
+    """--steps-per-epoch below the DALI epoch, and an epoch a stopped run abandoned after one batch: every
+    epoch still has len() batches, and they are the first batches of the next DALI epoch (the files a fresh
+    pipeline reads in that epoch), not the rest of an unfinished one."""
+    pytest.importorskip("nvidia.dali")
+    from xception.data.dali import DaliLoader
+    split = _dali_train_split(tmp_path)
+    fresh = _dali_train_iterator(split)
+    reference = [[out[0]["labels"].reshape(-1).tolist() for out in fresh] for _ in range(4)]
+    assert [len(epoch) for epoch in reference] == [6] * 4 and reference[0] != reference[1]
+    loader = DaliLoader(_dali_train_iterator(split), split, 6, 2, steps_per_epoch)
+    assert len(loader) == (steps_per_epoch or 6)
+    n = min(len(loader), steps_per_epoch or len(loader))  # = len(loader): the loop never cuts an epoch itself
+    held = []  # abandoned generators stay alive, as a stopped epoch's may
+    for epoch, stop_after in enumerate([None, 1, None, None]):
+        loader.set_epoch(epoch)
+        taken, batches = _train_epoch_labels(loader, steps_per_epoch, stop_after)
+        held.append(batches)
+        assert len(taken) == (stop_after or n), epoch
+        assert taken == reference[epoch][:len(taken)], epoch
+
+
+def test_dali_loader_refuses_to_resume_part_way_through_an_epoch():
+    """A fresh DALI reader cannot continue the checkpoint's epoch (its file order starts over): one line
+    that says so and names the way out, instead of dropping batches of other files."""
+    from xception.config import UserError
+    from xception.data.dali import DaliLoader
+    from xception.data.folder import Split
+    loader = DaliLoader(iter(()), Split("root", ["a"], [("a/0.jpg", 0)] * 8), 4, 2)
+    loader.set_epoch(4)  # an epoch from its start is fine
+    loader.set_epoch(4, start_step=0)
+    with pytest.raises(UserError) as caught:
+        loader.set_epoch(4, start_step=3)
+    text = str(caught.value)
+    assert "\n" not in text and "--loader dali" in text and "--loader tv" in text
+    assert "3 steps of epoch 5" in text  # epochs counted from 1, as the resume log does
+
+
+def test_dali_loaders_cut_training_epochs_to_steps_per_epoch(tmp_path, monkeypatch):
+    """dali_loaders hands --steps-per-epoch to the training loader (so the loop never cuts a DALI epoch
+    itself) and not to evaluation, which reads every image once. The "mixed" graph is swapped for the CPU
+    one, so this runs without a GPU."""
+    pytest.importorskip("nvidia.dali")
+    import dataclasses
+    from conftest import make_image_folder
+    from xception.data import dali
+    from xception.runtime import DistContext
+    build = dali.build_pipeline
+    monkeypatch.setattr(dali, "build_pipeline", lambda split, cfg, train, where: build(
+        split, cfg, train, dataclasses.replace(where, device_id=None, device="cpu")))
+    root = make_image_folder(tmp_path / "d", n_train=4, n_val=3, size=(40, 32))  # 12 train, 9 val images
+    cfg = Config(data_path=root, batch_size=4, workers=0, image_size=32, crop_pct=1.0, seed=0, steps_per_epoch=2)
+    classes, train, val = dali.dali_loaders(cfg, DistContext(torch.device("cuda", 0)), True, log=lambda _: None)
+    assert len(classes) == 3 and len(train) == 2 and len(val) == 3  # 3 full train batches, cut to 2
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        assert [len(targets) for _, targets in train] == [4, 4]
+    assert sorted(t for _, targets in val for t in targets.tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+
+
 def test_loader_choice_through_build_loaders(tmp_path):
     """--loader pil gives the Pillow reference transforms, auto the uint8 ones, and a plain image folder
     is read by the folder pipeline (not as a shard set); both honour the Loader contract."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import UserError, derive_seed
 from .folder import Split, scan_dataset
-from .loaders import Loader, per_process, skip_batches
+from .loaders import Loader, per_process
 from .transforms import RATIO, eval_resize_size
 
 READER = "Reader"
@@ -77,32 +77,54 @@ def build_pipeline(split: Split, cfg, train: bool, where: Placement):
 
 
 class DaliLoader(Loader):
-    """(uint8 N x 3 x H x W images with NHWC memory, int64 labels), both on the GPU, `steps` batches.
-    DALI reshuffles by itself after every epoch (the reader's shuffle_after_epoch)."""
+    """(uint8 N x 3 x H x W images with NHWC memory, int64 labels), both on the GPU (on the CPU with a
+    `device="cpu"` graph), `len()` batches: the DALI epoch's `steps`, or the first `limit` of them
+    (--steps-per-epoch). DALI reshuffles by itself after every epoch (the reader's shuffle_after_epoch).
 
-    def __init__(self, iterator, split: Split, steps: int, batch: int):
-        self.iterator, self.steps, self.batch_size = iterator, steps, batch
+    Every pass starts at the start of a DALI epoch. DALI's iterator cannot be reset part-way (reset()
+    ignores the request mid-epoch), so a pass that ended early (`limit` below the epoch, a run stopped
+    part-way, a rank whose shard holds one batch more than `steps`) left it mid-epoch; the next pass first
+    reads the rest of that epoch and drops it (`_finish_dali_epoch`). That costs decoding the rest of the
+    epoch; doing it then, not after the last batch, keeps it out of the timed steps, and a run's last
+    epoch never pays it."""
+
+    def __init__(self, iterator, split: Split, steps: int, batch: int, limit: int | None = None):
+        self.iterator, self.batch_size = iterator, batch
+        self.steps = min(steps, limit) if limit else steps
         self.num_samples = len(split.samples)
-        self.start_step = 0
+        self.mid_epoch = False  # the DALI iterator gave batches of an epoch and has not ended that epoch
 
     def __len__(self) -> int:
         return self.steps
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.start_step = start_step
+        # dropping start_step batches of a new pipeline would not skip the checkpoint's batches: a fresh
+        # reader starts its shuffle sequence over, so they are other files than the ones trained on
+        if start_step > 0:
+            raise UserError(f"--resume: the checkpoint stopped after {start_step} steps of epoch {epoch + 1}, and "
+                            f"--loader dali cannot continue an epoch part-way (a new DALI reader starts its own "
+                            f"file order, so it cannot leave out the images already trained on); resume with "
+                            f"--loader tv, which runs the epoch's remaining steps in its own order (some of the "
+                            f"epoch's images repeat, others are left out); --loader dali can resume from a "
+                            f"checkpoint written at the end of an epoch")
+
+    def _finish_dali_epoch(self) -> None:
+        """Read the DALI iterator to the end of its epoch (auto_reset then starts the next one). Only while
+        mid-epoch: at an epoch boundary another read would start, and eat, a whole new epoch."""
+        while self.mid_epoch:
+            self.mid_epoch = next(self.iterator, None) is not None
 
     def _batches(self):
-        for step, out in enumerate(self.iterator):
-            if step >= self.steps:
-                self.iterator.reset()
+        for _ in range(self.steps):
+            out = next(self.iterator, None)
+            self.mid_epoch = out is not None
+            if out is None:  # the DALI epoch ended (auto_reset started the next): fewer batches than steps
                 return
-            images, labels = out[0]["images"], out[0]["labels"]
-            yield images.permute(0, 3, 1, 2), labels.reshape(-1).long()
+            yield out[0]["images"].permute(0, 3, 1, 2), out[0]["labels"].reshape(-1).long()
 
     def __iter__(self):
-        batches = skip_batches(self._batches(), self.start_step)
-        self.start_step = 0
-        return batches
+        self._finish_dali_epoch()
+        return self._batches()
 
 
 def dali_loaders(cfg, ctx, need_train: bool, log=print) -> tuple:
@@ -131,7 +153,7 @@ def dali_loaders(cfg, ctx, need_train: bool, log=print) -> tuple:
         else:
             shard = n * (ctx.rank + 1) // ctx.world_size - n * ctx.rank // ctx.world_size  # DALI's split
             steps = math.ceil(shard / per_rank)
-        return DaliLoader(iterator, split, steps, per_rank)
+        return DaliLoader(iterator, split, steps, per_rank, cfg.steps_per_epoch if train else None)
 
     train_loader = loader(train_split, True) if need_train else None
     log(f"--loader dali: GPU decoding with {where.threads} CPU thread(s) per process")

@@ -33,7 +33,8 @@ class Loader:
     * `len()` is the number of batches this process yields in an epoch (every process the same in training);
     * `batch_size` is the per-process batch, `num_samples` the images of the split over all processes;
     * `set_epoch(epoch, start_step)` before each training epoch: the epoch's order, starting after
-      `start_step` batches (a resumed epoch); iterating right after it skips them before returning;
+      `start_step` batches (a resumed epoch); iterating right after it skips them before returning (DALI
+      cannot continue an epoch part-way: it raises UserError for start_step > 0);
     * `skipped()` counts the bad images this process has skipped so far (--skip-bad-images).
     """
 

@@ -41,7 +41,7 @@ class StepGuard(Hook):
     interval later, and never before the step that went wrong is named. A signal is seen at once on one
     process, and at the next check step when there are several (they must agree)."""
 
-    def __init__(self, ctx, optimizer, loss_scaling: bool, max_nonfinite: int, log=print):
+    def __init__(self, ctx, loss_scaling: bool, max_nonfinite: int, log=print):
         self.ctx, self.log = ctx, log
         # Without loss scaling a non-finite loss has already reached the weights: stop at the first.
         self.limit = max_nonfinite if loss_scaling else 1
@@ -50,21 +50,11 @@ class StepGuard(Hook):
         self.stop = None  # None, "signal" or "nonfinite"
         self.stop_step = None  # the step (1-based, of its epoch) at which the non-finite streak hit the limit
         self.steps_done = 0  # of the current epoch, counted from its start
-        self.attempted = self.taken = 0
         self.resume_rng = None  # the random streams to restore when an epoch starts part-way
         self._old = {}
         # on the device: current run of non-finite losses, and the step where it first reached the limit
         self._streak = torch.zeros((), dtype=torch.int64, device=ctx.device)
         self._hit = torch.full((), NEVER, dtype=torch.int64, device=ctx.device)
-        optimizer.register_step_post_hook(self._count_step)
-
-    def _count_step(self, *_):
-        self.taken += 1
-
-    @property
-    def overflow_skipped(self) -> int:
-        """Steps the fp16 loss scaler skipped (gradients overflowed) since the run started."""
-        return self.attempted - self.taken
 
     # signals
 
@@ -102,7 +92,6 @@ class StepGuard(Hook):
             self.resume_rng = None
 
     def after_step(self, step: int, loss: torch.Tensor, check: bool) -> bool:
-        self.attempted += 1
         self.steps_done = step + 1
         finite = torch.isfinite(loss).all()
         self._streak = torch.where(finite, torch.zeros_like(self._streak), self._streak + 1)

@@ -23,12 +23,16 @@ TIMING_WARMUP_ITERS = 5  # first iterations of an epoch left out of img/s (alloc
 
 @dataclass
 class Step:
-    """One optimisation step: forward under autocast, backward (scaled for fp16), optimizer, LR schedule."""
+    """One optimisation step: forward under autocast, backward (scaled for fp16), optimizer, LR schedule.
+    Nothing here reads the device on the host: with a fused optimizer (CUDA) the loss scaler hands its
+    overflow flag to the optimizer's kernel instead of reading it, and the steps it skipped are counted on
+    the device (`overflow_skipped` reads the count, at an epoch's end)."""
     model: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     precision: Precision
+    skipped: torch.Tensor | None = None  # steps the loss scaler skipped, on the device
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast():
@@ -39,15 +43,31 @@ class Step:
             loss.backward()
             self.optimizer.step()
         else:
-            scaler.scale(loss).backward()
-            scaler.step(self.optimizer)
-            scaler.update(self.precision.static_scale)
+            self._scaled_step(scaler, loss)
         with warnings.catch_warnings():
             # With fp16 a first overflowing step is skipped, which makes torch warn that the
             # scheduler stepped before the optimizer; that is expected here.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.scheduler.step()
         return loss.detach()
+
+    def _scaled_step(self, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+        # The dynamic update halves the scale exactly when the step was skipped (inf/NaN gradients): a drop
+        # of the scale is the skip count's source. An optimizer post-hook cannot be: a fused optimizer
+        # "steps" every time and skips inside its kernel. (_get_scale_async: the scale tensor, not .item().)
+        before = scaler._get_scale_async().clone()
+        scaler.step(self.optimizer)
+        scaler.update()
+        if self.skipped is None:
+            self.skipped = torch.zeros((), dtype=torch.int64, device=before.device)
+        self.skipped += scaler._get_scale_async() < before
+        if self.precision.static_scale is not None:  # a static --loss-scale: back to it after each step
+            scaler.update(self.precision.static_scale)
+
+    def overflow_skipped(self) -> int:
+        """Steps the fp16 loss scaler skipped since the run started (one host read)."""
+        return 0 if self.skipped is None else int(self.skipped)
 
     @property
     def lr(self) -> float:
