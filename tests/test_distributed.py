@@ -191,3 +191,42 @@ def test_an_explicit_device_index_is_refused_with_several_processes(tiny_data, t
     line = one_line_error(run_cli("train", "--nproc", 2, "--device", "cuda:1", "--data_path", tiny_data,
                                   "--output-dir", tmp_path / "o", "-b", 4))
     assert "--device cuda:1" in line and "2 processes" in line and "--device cuda" in line
+
+
+def test_two_nodes_without_a_shared_output_folder_follow_rank_0(trained_run, tmp_path):
+    """Two nodes, each with its own --output-dir and different contents: node 0 holds the 2-epoch
+    checkpoint, node 1 one that claims 1 epoch. With --resume auto each rank used to decide from its own
+    folder (rank 0 resumed epoch 2, rank 1 epoch 1: the ranks split). Rank 0 decides and sends the
+    checkpoint, so both train epoch 3 and finish; node 1's folder is left as it was."""
+    from conftest import TINY
+    from xception.checkpoint import Checkpoint
+    data, trained, _ = trained_run
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    (folders[0] / "checkpoint.pth.tar").write_bytes((trained / "checkpoint.pth.tar").read_bytes())
+    other = Checkpoint.load(str(trained / "checkpoint.pth.tar"))
+    other.epoch = 1
+    other.save(str(folders[1] / "checkpoint.pth.tar"))
+    node1_before = (folders[1] / "checkpoint.pth.tar").read_bytes()
+    port = free_port()
+    procs = []
+    for node, folder in enumerate(folders):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=xception-folders", "-m", "xception", "train", "--data_path", str(data),
+               "--epochs", "3", "--resume", "auto", "--output-dir", str(folder), *TINY]
+        procs.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_tree(p.pid)
+        pytest.fail("the two nodes hung: their ranks disagreed on the run")
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "epoch 2 done" in outs[0][0] + outs[1][0]
+    with open(folders[0] / "metrics.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["3"]
+    assert sorted(os.listdir(folders[1])) == ["checkpoint.pth.tar"]
+    assert (folders[1] / "checkpoint.pth.tar").read_bytes() == node1_before

@@ -111,6 +111,7 @@ class Config:
     device: str = "auto"
     dist_backend: Optional[str] = None
     sync_bn: bool = False
+    deterministic: bool = False  # cuDNN autotuning off, deterministic kernels only (runtime.configure_kernels)
     output_dir: str = "."
     resume: Optional[str] = None  # a checkpoint; for eval also an .onnx file; "auto" for train
     pretrained: Optional[str] = None

@@ -72,10 +72,15 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def accelerator_module(device: torch.device | None):
+    """torch.cuda, or torch.npu (registered by torch_npu), for an accelerator device; None otherwise."""
+    return torch.get_device_module(device.type) if device is not None and device.type in ("cuda", "npu") else None
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a clock read measures finished work."""
-    if device.type in ("cuda", "npu"):  # torch.cuda, or torch.npu once torch_npu is imported
-        getattr(torch, device.type).synchronize(device)
+    if (module := accelerator_module(device)) is not None:
+        module.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -132,15 +137,30 @@ def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
             td.broadcast(buffer, 0)
 
 
-def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800) -> DistContext:
+def configure_kernels(device: torch.device, deterministic: bool = False) -> None:
+    """Kernel choice. On CUDA, cuDNN autotunes by default: the input shapes are fixed, so timing the
+    candidate convolution algorithms once per shape (the first steps) pays for itself. --deterministic
+    trades that for bitwise-reproducible runs: no autotuning, deterministic algorithms wherever torch has
+    one (it warns about an op without one, e.g. bincount on CUDA, instead of stopping the run), and the
+    CUBLAS_WORKSPACE_CONFIG that cuBLAS needs for it."""
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800,
+          deterministic: bool = False) -> DistContext:
     """Read torchrun's environment; start the process group when there is more than one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = resolve_device(device_name, local_rank)
-    if device.type in ("cuda", "npu"):
-        getattr(torch, device.type).set_device(device)
+    if (module := accelerator_module(device)) is not None:
+        module.set_device(device)
+    configure_kernels(device, deterministic)
     ctx = DistContext(device, rank, world_size, local_rank, local_world_size)
     if ctx.distributed and not td.is_initialized():
         td.init_process_group(backend=backend or BACKENDS[device.type],
@@ -231,9 +251,11 @@ def visible_accelerators() -> int:
 
 
 def capture_rng(device: torch.device) -> dict:
+    """This process's random streams: torch's CPU generator, Python's, and the accelerator's (dropout on
+    CUDA or NPU draws from it)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+    if (module := accelerator_module(device)) is not None:
+        state[device.type] = module.get_rng_state(device)
     return state
 
 
@@ -241,8 +263,8 @@ def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if (module := accelerator_module(device)) is not None and device.type in state:
+        module.set_rng_state(state[device.type], device)
 
 
 def gather_rng(ctx: DistContext) -> list:

@@ -3,7 +3,7 @@ implements it with a torch DataLoader. The shard-set and DALI pipelines implemen
 
 Workers decode, crop, resize and flip images as uint8 (four times less memory traffic than float);
 conversion to float, scaling to [-1, 1] and the memory layout happen on the device, in `to_device`. On
-CUDA the next batch's host-to-device copy runs on a side stream while the current step computes.
+CUDA and NPU the next batch's host-to-device copy runs on a side stream while the current step computes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 
 from ..config import PIXEL_MEAN, PIXEL_STD
 from ..files import show
-from ..runtime import cpu_count
+from ..runtime import accelerator_module, cpu_count
 from .check import BadImageError, failed_sample
 from .folder import Split
 from .transforms import FileTransform, collate
@@ -67,16 +67,23 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def pinned(device: torch.device) -> bool:
+    """Collate into pinned host memory on CUDA and NPU (torch pins for the current accelerator), so that
+    the copy to the device can overlap the step."""
+    return accelerator_module(device) is not None
+
+
 def prefetch(batches, device: torch.device):
-    """Yield `batches` with their tensors on `device`; on CUDA the next one is copied on a side stream
-    (from the pinned memory the loader collated it into) while the current step runs."""
-    if device.type != "cuda":
+    """Yield `batches` with their tensors on `device`; on CUDA and NPU the next one is copied on a side
+    stream (from the pinned memory the loader collated it into) while the current step runs."""
+    module = accelerator_module(device)  # torch.cuda or torch.npu: the same stream API
+    if module is None:
         yield from batches
         return
-    stream = torch.cuda.Stream(device)
+    stream = module.Stream(device)
 
     def start(batch):
-        with torch.cuda.stream(stream):
+        with module.stream(stream):
             return tuple(x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in batch)
 
     ahead = None
@@ -84,7 +91,7 @@ def prefetch(batches, device: torch.device):
         queued = start(batch)  # runs during the step on `ahead`
         if ahead is not None:
             yield ahead
-        current = torch.cuda.current_stream(device)
+        current = module.current_stream(device)
         current.wait_stream(stream)  # the copy has landed before the step reads it
         for x in queued:
             if isinstance(x, torch.Tensor):
@@ -161,7 +168,7 @@ class FolderLoader(Loader):
         else:
             self.sampler = EvalSampler(len(dataset), ctx.rank, ctx.world_size)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=ctx.device.type == "cuda",
+                                 pin_memory=pinned(ctx.device),
                                  drop_last=train and len(dataset) >= cfg.batch_size,
                                  persistent_workers=workers > 0, generator=generator, collate_fn=collate)
 

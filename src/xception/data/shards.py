@@ -26,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import UserError, derive_seed
-from .loaders import Loader, per_process, prefetch, skip_batches
+from .loaders import Loader, per_process, pinned, prefetch, skip_batches
 from .transforms import build_transform, collate
 
 INDEX = "index.json"
@@ -158,7 +158,7 @@ class ShardLoader(Loader):
     def __init__(self, stream: ShardStream, workers: int, device):
         self.stream, self.device = stream, device
         self.batch_size, self.num_samples = stream.batch, stream.samples
-        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pinned(device),
                                  persistent_workers=workers > 0)
         self.start_step = 0
 

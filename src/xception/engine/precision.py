@@ -45,7 +45,24 @@ def make_precision(cfg, device: torch.device, warn=print) -> Precision:
     if dtype == torch.bfloat16:
         return Precision(device.type, dtype)
     if cfg.loss_scale in (None, "dynamic"):
-        return Precision(device.type, dtype, torch.amp.GradScaler(device.type))
+        return Precision(device.type, dtype, grad_scaler(device.type, warn=warn))
     scale = float(cfg.loss_scale)
     # A static scale: the scaler still skips steps whose gradients overflow, but never changes the scale.
-    return Precision(device.type, dtype, torch.amp.GradScaler(device.type, init_scale=scale), scale)
+    return Precision(device.type, dtype, grad_scaler(device.type, init_scale=scale, warn=warn), scale)
+
+
+def grad_scaler(device_type: str, warn=print, **kwargs) -> torch.amp.GradScaler:
+    """torch's loss scaler; on NPU torch_npu's when it has one. An NPU in saturation mode clamps an
+    overflow to the largest finite fp16 instead of producing inf, so gradients look finite and only the
+    chip's overflow flag tells; torch_npu's scaler reads that flag, torch's cannot."""
+    if device_type == "npu":
+        import torch_npu  # present: the device resolved to "npu"
+
+        scaler = getattr(getattr(torch_npu.npu, "amp", None), "GradScaler", None)
+        if scaler is not None:
+            return scaler(**kwargs)
+        supports_inf = getattr(torch_npu.npu.utils, "is_support_inf_nan", lambda: True)()
+        if not supports_inf:
+            warn("warning: this NPU runs in saturation mode and torch_npu has no GradScaler: fp16 overflows "
+                 "may go unnoticed; use --amp-dtype bfloat16 or a torch_npu with npu.amp.GradScaler")
+    return torch.amp.GradScaler(device_type, **kwargs)

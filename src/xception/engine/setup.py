@@ -38,7 +38,7 @@ class Run:
     `cfg` is the resolved copy: image size, crop and seed filled in, agreed by every rank."""
 
     def __init__(self, cfg: Config, need_train: bool, kind: str):
-        self.ctx = setup(cfg.device, cfg.dist_backend)
+        self.ctx = setup(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic)
         cfg.validate(self.ctx.world_size)
         self.log = print if self.ctx.is_main else (lambda *a, **k: None)
         self.cfg = cfg.replace(seed=self._agreed_seed(cfg.seed), image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,

@@ -87,9 +87,10 @@ def _setup(run: Run) -> Training:
     resume = on_main(ctx, _resume_source, cfg, ckpt_path)  # rank 0 decides: the folder may not be shared
     run.cfg = cfg = cfg.replace(resume=resume)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    pretrained = read_weights(cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    # Files named on the command line are read on rank 0 and sent to the others: nodes need not share them.
+    pretrained = on_main(ctx, read_weights, cfg.pretrained, "--pretrained") if cfg.pretrained else None
     net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log)
-    ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
+    ckpt = on_main(ctx, Checkpoint.load, cfg.resume) if cfg.resume else None
     if ckpt is not None:
         run.check_classes(ckpt.class_names, cfg.resume)
         load_into(net, from_checkpoint(ckpt, cfg.resume), allow_new_head=False, log=log)
