@@ -2,7 +2,6 @@
 kernel choice (cuDNN autotuning, --deterministic), the fused optimizer, pinned memory and the copy stream,
 the random streams a resume restores, the NPU loss scaler, and eval's compile warm-up."""
 
-import importlib
 import sys
 import types
 
@@ -13,11 +12,12 @@ from torch import nn
 from xception.cli import config_from_args
 from xception.config import Config
 from xception.data import loaders
+from xception.engine import optim
 from xception.engine.evaluate import _compile_warmup
 from xception.engine.precision import Precision, make_precision
 from xception.runtime import DistContext, capture_rng, configure_kernels, restore_rng
 
-train_module = importlib.import_module("xception.engine.train")
+
 NPU = types.SimpleNamespace(type="npu", index=0)  # torch.device("npu") exists only once torch_npu is loaded
 
 
@@ -52,8 +52,8 @@ def test_deterministic_is_a_train_and_eval_flag():
 
 def test_the_optimizer_is_fused_on_cuda_only():
     net = nn.Linear(3, 2)
-    assert train_module.build_optimizer(net, Config(), torch.device("cuda", 0)).defaults["fused"] is True
-    assert not train_module.build_optimizer(net, Config(), torch.device("cpu")).defaults["fused"]
+    assert optim.build_optimizer(net, Config(), torch.device("cuda", 0)).defaults["fused"] is True
+    assert not optim.build_optimizer(net, Config(), torch.device("cpu")).defaults["fused"]
 
 
 class FakeNpu:

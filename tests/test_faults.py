@@ -269,6 +269,13 @@ def _main(capsys, *argv):
     (["--no-such-flag"], "unrecognized"),
     (["--device", "tpu"], "--device"),
     (["--crop-scale", "0.9", "0.1"], "--crop-scale"),
+    (["--mixup", "-1"], "--mixup must be 0 (off) or a positive alpha"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be 1 or more"),
+    (["--recipe", "nosuch"], "--recipe"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in (0, 1)"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
+    (["--random-erase", "2"], "--random-erase must be in [0, 1]"),
+    (["--grad-accum-steps", "9"], "--grad-accum-steps 9: an epoch has only"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tiny_data, tmp_path, capsys, flags, expect):
     code, line = _main(capsys, "train", "--data_path", tiny_data, "--output-dir", tmp_path / "o", "--device", "cpu",

@@ -52,19 +52,28 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("faults") / "data", n_train=8, n_val=2)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
+# The recipe ingredients that draw random numbers or carry state between steps: the EMA (with its decay
+# warm-up), mixup/CutMix, RandAugment, random erasing, and accumulation (2 batches per optimizer step: a
+# signal stops only at an optimizer step's end, and the progress lines come every 2 batches).
+RECIPE = ["--ema", "--ema-warmup", "--mixup", "0.2", "--cutmix", "1.0", "--auto-augment", "ra",
+          "--random-erase", "0.25", "--grad-accum-steps", "2"]
+
+
+@pytest.fixture(scope="module", params=[[], RECIPE], ids=["plain", "recipe"])
+def uninterrupted(data, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("full")
-    proc = run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, env=ENV)
+    proc = run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, *request.param, env=ENV)
     assert proc.returncode == 0, proc.stderr
-    return out
+    return out, request.param
 
 
 def test_sigterm_at_a_random_step_then_resume_is_bitwise_equal(data, uninterrupted, tmp_path):
-    step = random.Random().randint(1, 11)  # after global step `step` of 12 (2 epochs x 6)
+    uninterrupted, extra = uninterrupted
+    accum = 2 if extra else 1
+    step = accum * random.Random().randint(1, 11 // accum)  # after batch `step` of 12 (2 epochs x 6)
     marker = f"epoch {1 + (step - 1) // 6}/2 [{(step - 1) % 6 + 1}/6]"
     out = tmp_path / "part"
-    code, _, err = signal_after(start("train", "--data_path", data, "--output-dir", out, *FLAGS), marker,
+    code, _, err = signal_after(start("train", "--data_path", data, "--output-dir", out, *FLAGS, *extra), marker,
                                 signal.SIGTERM)
     assert code == EXIT_PREEMPTED, (marker, err)
     assert "Traceback" not in err and "SIGTERM received" in err
@@ -74,14 +83,19 @@ def test_sigterm_at_a_random_step_then_resume_is_bitwise_equal(data, uninterrupt
     assert step <= done <= 12 and saved["epoch_step"] > 0, (marker, saved["epoch"], saved["epoch_step"])
     assert len(saved["rng"]) == 1 and saved["rng"][0]["torch"].dtype == torch.uint8
 
-    proc = run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, "--resume",
+    assert saved["epoch_step"] % accum == 0  # at an optimizer step's end
+    proc = run_cli("train", "--data_path", data, "--output-dir", out, *FLAGS, *extra, "--resume",
                    out / "checkpoint.pth.tar", env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert f"and {saved['epoch_step']} steps of epoch {saved['epoch'] + 1}" in proc.stdout
-    a, b = weights(uninterrupted / "checkpoint.pth.tar"), weights(out / "checkpoint.pth.tar")
-    assert a.keys() == b.keys()
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"interrupted after {marker}: {len(unequal)} tensors differ, e.g. {unequal[0]}"
+    full = torch.load(uninterrupted / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    resumed = torch.load(out / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    for part in ("model", "ema") if extra else ("model",):
+        a, b = full[part], resumed[part]
+        assert a.keys() == b.keys()
+        unequal = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not unequal, f"{part}, interrupted after {marker}: {len(unequal)} tensors differ, e.g. {unequal[0]}"
+    assert resumed["ema_updates"] == full["ema_updates"] == (6 if extra else 0)
 
 
 def test_sigint_also_stops_after_the_step_and_resume_auto_picks_it_up(data, tmp_path):

@@ -17,7 +17,7 @@ from xception.checkpoint import FORMAT, VERSION, Checkpoint
 from xception.config import EXIT_WRITE, Config, UserError
 from xception.data import check
 from xception.data.folder import scan_dataset
-from xception.engine.train import build_scheduler
+from xception.engine.optim import build_scheduler
 from xception.runtime import DistContext
 
 pytestmark = pytest.mark.slow

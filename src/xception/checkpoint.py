@@ -66,11 +66,16 @@ class Checkpoint:
     keras_exact: bool = False  # Keras numerics (BatchNorm eps 1e-3, TF "same" max-pools)
     epoch_step: int = 0  # steps done of epoch `epoch + 1` (a mid-epoch stop), else 0
     rng: list | None = None  # every rank's random streams at a mid-epoch stop, in rank order
+    ema: dict | None = None  # --ema: the averaged weights and BatchNorm buffers (a plain state dict, as `model`)
+    ema_updates: int = 0  # how many updates the average has had (its decay warm-up and resume need it)
+    best_source: str = "model"  # model_best: which weights scored best, "model" or "ema"
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "version": VERSION}
         out.update({f.name: getattr(self, f.name) for f in fields(self)})
         out["model"] = clean_state_dict(self.model)
+        if self.ema is not None:
+            out["ema"] = clean_state_dict(self.ema)
         return out
 
     @classmethod
@@ -87,6 +92,8 @@ class Checkpoint:
         if not is_state_dict(values.get("model")):
             raise UserError(f"{source}: the checkpoint holds no model state dict")
         values["model"] = clean_state_dict(values["model"])
+        if values.get("ema") is not None:
+            values["ema"] = clean_state_dict(values["ema"])
         return cls(**values)
 
     @property

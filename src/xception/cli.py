@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import EXIT_FAILED_RANK, EXIT_INTERRUPTED, Config, ShardSettings, UserError
-from .flags import (Parser, add_bench_flags, add_check_flags, add_data_flags, add_demo_flags, add_eval_flags,
-                    add_export_flags, add_plot_flags, add_predict_flags, add_prepare_flags, add_run_flags,
-                    add_train_flags)
+from .flags import (Parser, add_average_flags, add_bench_flags, add_check_flags, add_data_flags, add_demo_flags,
+                    add_eval_flags,
+                    add_export_flags, add_plot_flags, add_predict_flags, add_prepare_flags, add_recipe_flags,
+                    add_run_flags, add_train_flags)
+from .recipes import apply_recipe
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The run's Config: the flags given, then the --recipe's values, then Config's defaults."""
     fields = Config.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = apply_recipe({k: v for k, v in vars(args).items() if k in fields})
     if "crop_scale" in values:
         values["crop_scale"] = tuple(values["crop_scale"])
     return Config(**values)
@@ -56,6 +59,11 @@ def run_predict(args) -> int:
 def run_export(args) -> int:
     from .tools import export
     return export.run(args)
+
+
+def run_average(args) -> int:
+    from .tools import average
+    return average.run(args)
 
 
 def run_bench(args) -> int:
@@ -95,13 +103,15 @@ class Command:
 
 COMMANDS = {
     "train": Command("train on DATA/train, evaluate on DATA/val every epoch",
-                     (add_data_flags, add_run_flags, add_train_flags), run_train),
+                     (add_data_flags, add_run_flags, add_train_flags, add_recipe_flags), run_train),
     "eval": Command("evaluate a checkpoint or an exported .onnx on DATA/val", (add_eval_flags,), run_eval),
     "demo": Command("train and evaluate on scikit-learn's bundled digits (no download)", (add_demo_flags,), run_demo),
     "predict": Command("class names and probabilities for images or folders of images", (add_predict_flags,),
                        run_predict),
     "export": Command("write an ONNX or TorchScript graph (BatchNorm folded), verified against PyTorch",
                       (add_export_flags,), run_export),
+    "average": Command("write the mean of several checkpoints' weights and BatchNorm buffers as one checkpoint",
+                       (add_average_flags,), run_average),
     "bench": Command("time a training or inference step (ours vs timm), or the input pipeline", (add_bench_flags,),
                      run_bench),
     "check-data": Command("decode-check every image of DATA/train and DATA/val in parallel; list bad files",

@@ -23,6 +23,9 @@ BEST_NAME = "model_best.pth.tar"
 METRICS_NAME = "metrics.csv"
 
 LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (data/__init__.py)
+AUTO_AUGMENT = ("ra", "ta", "aa", "augmix")  # RandAugment, TrivialAugmentWide, AutoAugment (ImageNet), AugMix
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("cosine", "step", "exponential")  # step and exponential are staircases (engine/optim.py)
 DEFAULT_OPSET = 17  # ONNX opset of `xception export`
 
 # Exit codes. 0: done.
@@ -85,7 +88,31 @@ class Config:
     loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali
     skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
     check_data: bool = True  # decode-check every image (not checked before) ahead of the first epoch
+    # augmentation (data/transforms.py) and batch mixing (engine/mix.py)
+    auto_augment: Optional[str] = None  # one of AUTO_AUGMENT
+    ra_magnitude: int = 9  # RandAugment: strength of each op (0..30)
+    ra_num_ops: int = 2  # RandAugment: ops per image
+    random_erase: float = 0.0  # probability of erasing a random rectangle of a training image
+    mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: probability of CutMix rather than mixup
     # optimisation
+    recipe: Optional[str] = None  # a named set of defaults (recipes.py); explicit flags win
+    opt: str = "sgd"  # one of OPTIMIZERS
+    nesterov: bool = False
+    opt_eps: float = 1e-8  # RMSprop / AdamW epsilon
+    wd_norm_bias: bool = True  # False: no weight decay on BatchNorm weights and biases (parameter groups)
+    clip_grad_norm: Optional[float] = None  # clip the global gradient norm to this (after unscaling)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: effective batch = batch_size x this
+    sched: str = "cosine"  # one of SCHEDULES, after the linear warm-up
+    decay_epochs: float = 2.0  # step/exponential: decay every this many epochs
+    decay_rate: float = 0.94  # step/exponential: multiply the LR by this at each decay
+    ema: bool = False  # keep an exponential moving average of the weights (Polyak averaging)
+    ema_decay: float = 0.9998  # per EMA update
+    ema_warmup: bool = False  # ramp the decay up over the first updates: min(decay, (1 + n) / (10 + n))
+    ema_every: int = 1  # update the EMA every K optimizer steps
+    keep_checkpoints: int = 0  # also keep the N best epochs' checkpoints, named by epoch
     epochs: int = 90
     steps_per_epoch: Optional[int] = None  # cut each epoch short (performance runs)
     stop_after_epochs: Optional[int] = None  # end this invocation early; the schedule still spans `epochs`
@@ -121,6 +148,8 @@ class Config:
     case_name: Optional[str] = None
     tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
     eval_report: bool = False  # xception eval --report: per-class accuracy and confusion matrix
+    tta: Optional[str] = None  # xception eval --tta flip: average the logits of each image and its mirror
+    raw_weights: bool = False  # eval/predict/export: the raw weights even where a checkpoint holds an EMA
 
     def to_dict(self) -> dict:
         """Plain types only, so a checkpoint holding it loads with weights_only=True."""
@@ -144,6 +173,32 @@ class Config:
                 raise UserError(f"--loss-scale must be a number or 'dynamic', got {self.loss_scale!r}")
             if scale <= 0:
                 raise UserError(f"--loss-scale must be positive, got {self.loss_scale}")
+
+    def _recipe_checks(self) -> list:
+        def within(flag: str, value, low, high) -> tuple:
+            return low <= value <= high, f"{flag} must be in [{low}, {high}], got {value}"
+
+        def one_of(flag: str, value, allowed) -> tuple:
+            return value is None or value in allowed, f"{flag} must be one of {', '.join(allowed)}, got {value!r}"
+
+        return [
+            one_of("--auto-augment", self.auto_augment, AUTO_AUGMENT), one_of("--opt", self.opt, OPTIMIZERS),
+            one_of("--sched", self.sched, SCHEDULES),
+            within("--ra-magnitude", self.ra_magnitude, 0, 30), (self.ra_num_ops >= 1, "--ra-num-ops must be 1 or more"),
+            within("--random-erase", self.random_erase, 0, 1), within("--mix-prob", self.mix_prob, 0, 1),
+            within("--mix-switch-prob", self.mix_switch_prob, 0, 1),
+            (self.mixup >= 0, f"--mixup must be 0 (off) or a positive alpha, got {self.mixup}"),
+            (self.cutmix >= 0, f"--cutmix must be 0 (off) or a positive alpha, got {self.cutmix}"),
+            (self.opt_eps > 0, f"--opt-eps must be positive, got {self.opt_eps}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
+             f"--clip-grad-norm must be positive, got {self.clip_grad_norm}"),
+            (self.grad_accum_steps >= 1, f"--grad-accum-steps must be 1 or more, got {self.grad_accum_steps}"),
+            (self.decay_epochs > 0, f"--decay-epochs must be positive, got {self.decay_epochs}"),
+            (0 < self.decay_rate <= 1, f"--decay-rate must be in (0, 1], got {self.decay_rate}"),
+            (0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
+            (self.ema_every >= 1, f"--ema-every must be 1 or more, got {self.ema_every}"),
+            (self.keep_checkpoints >= 0, f"--keep-checkpoints must be 0 or more, got {self.keep_checkpoints}"),
+        ]
 
     def _checks(self, world_size: int) -> list:
         def positive(flag: str, value) -> tuple:
@@ -169,6 +224,7 @@ class Config:
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              f"--crop-scale needs 0 < MIN <= MAX <= 1, got {self.crop_scale[0]} {self.crop_scale[1]}"),
             (self.amp_dtype in ("float16", "bfloat16"), f"--amp-dtype must be float16 or bfloat16, got {self.amp_dtype}"),
+            *self._recipe_checks(),
             (world_size == 1 or ":" not in self.device,
              f"--device {self.device}: with {world_size} processes each takes the device of its local rank; "
              f"give --device {self.device.split(':')[0]} (and CUDA_VISIBLE_DEVICES to choose the devices)"),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
-                     ShardSettings)
+from .config import (AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
+                     OPTIMIZERS, SCHEDULES, Config, ShardSettings)
+from .recipes import RECIPES
+
+# A setting a recipe may fill defaults to None here ("not given"); Config holds its real default.
+D = Config()
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,12 +52,13 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("-b", "--batch-size", type=_int, default=256,
-                   help="global batch size, split over the processes as in the seed (default 256)")
+    g.add_argument("-b", "--batch-size", type=_int, default=None,
+                   help=f"global batch size, split over the processes as in the seed (default {D.batch_size})")
     g.add_argument("--device", default="auto", help="auto (cuda, then npu, then mps, then cpu), cpu, cuda, "
                                                     "cuda:N, npu, mps")
     g.add_argument("--output-dir", default=".", help="where checkpoints, metrics.csv and logs go (default .)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (torch.amp autocast)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (torch.amp autocast; default off)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="autocast dtype with --amp (default float16, with loss scaling)")
     g.add_argument("--loss-scale", default=None, help="fp16 loss scale: a number (static) or 'dynamic' (default)")
@@ -62,6 +67,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (default off, see docs/performance.md); its compile time is "
                         "logged on its own and kept out of img/s")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible runs on GPU: cuDNN autotuning off and deterministic kernels "
+                        "only (slower; default: cuDNN picks the fastest kernels for the fixed shapes)")
     g.add_argument("--dist-backend", default=None, help="process-group backend (default by device: nccl, hccl, gloo)")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     g.add_argument("--multiprocessing-distributed", action="store_true",
@@ -77,20 +85,24 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_int, default=90, help="epochs to train (default 90)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="fill the defaults of the settings below from a named recipe (docs/recipes.md); "
+                        "flags given explicitly win")
+    g.add_argument("--epochs", type=_int, default=None, help=f"epochs to train (default {D.epochs})")
     g.add_argument("--steps-per-epoch", type=_int, default=None, metavar="N",
                    help="end each epoch after N steps (short performance runs; default: the whole epoch)")
     g.add_argument("--stop-after-epochs", type=_int, default=None, metavar="K",
                    help="stop this run after epoch K (the LR schedule still spans --epochs); continue later "
                         "with --resume, e.g. under a job time limit")
-    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4,
-                   help="weight decay (default 1e-4)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
-    g.add_argument("--warmup-epochs", "--warm_up_epochs", dest="warmup_epochs", type=float, default=0.0,
-                   help="linear warm-up epochs before the cosine decay (default 0)")
-    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (paper: 0.5)")
+    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=None,
+                   help=f"peak learning rate (default {D.lr})")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD/RMSprop momentum (default {D.momentum})")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None,
+                   help=f"weight decay (default {D.weight_decay})")
+    g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (default 0)")
+    g.add_argument("--warmup-epochs", "--warm_up_epochs", dest="warmup_epochs", type=float, default=None,
+                   help="linear warm-up epochs before the schedule (default 0)")
+    g.add_argument("--drop-rate", type=float, default=None, help="dropout before the classifier (paper: 0.5)")
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint; 'auto': from "
                                                                   "OUTPUT_DIR/checkpoint.pth.tar if it exists")
     g.add_argument("--max-nonfinite-steps", type=_int, default=10, metavar="K",
@@ -108,6 +120,54 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the --resume checkpoint on val/")
 
 
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The ingredients of the recipes: optimizer, schedule, EMA, augmentation, batch mixing."""
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", choices=OPTIMIZERS, default=None, help=f"optimizer (default {D.opt})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="SGD: Nesterov momentum")
+    g.add_argument("--opt-eps", type=float, default=None, help=f"RMSprop/AdamW epsilon (default {D.opt_eps})")
+    g.add_argument("--wd-norm-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on BatchNorm weights and biases too (default on; --no-wd-norm-bias "
+                        "decays only conv and linear weights)")
+    g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
+                   help="clip the gradients' global L2 norm to X (after fp16 unscaling; default off)")
+    g.add_argument("--grad-accum-steps", type=_int, default=None, metavar="K",
+                   help="accumulate K micro-batches per optimizer step: effective global batch = -b x K")
+    g.add_argument("--sched", choices=SCHEDULES, default=None,
+                   help=f"LR schedule after the warm-up (default {D.sched}); step and exponential are "
+                        "staircases: x --decay-rate every --decay-epochs")
+    g.add_argument("--decay-epochs", type=float, default=None, help=f"default {D.decay_epochs}")
+    g.add_argument("--decay-rate", type=float, default=None, help=f"default {D.decay_rate}")
+    g.add_argument("--keep-checkpoints", type=_int, default=0, metavar="N",
+                   help="also keep the N best epochs' checkpoints as checkpoint-epochE.pth.tar (default 0)")
+    g = p.add_argument_group("weight averaging (EMA)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep an exponential moving average of the weights, evaluated every epoch next to them")
+    g.add_argument("--ema-decay", type=float, default=None, help=f"per update (default {D.ema_decay})")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="ramp the decay up over the first updates: min(decay, (1 + n) / (10 + n))")
+    g.add_argument("--ema-every", type=_int, default=None, metavar="K",
+                   help="update the average every K optimizer steps (default 1)")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
+                   help="ra: RandAugment, ta: TrivialAugmentWide, aa: AutoAugment (ImageNet policy), augmix")
+    g.add_argument("--ra-magnitude", type=_int, default=None, help=f"RandAugment magnitude (default {D.ra_magnitude})")
+    g.add_argument("--ra-num-ops", type=_int, default=None, help=f"RandAugment ops per image (default {D.ra_num_ops})")
+    g.add_argument("--random-erase", type=float, default=None, metavar="P",
+                   help="erase a random rectangle of a training image with probability P (default 0)")
+    g.add_argument("--mixup", type=float, default=None, metavar="ALPHA", help="mixup alpha (default 0: off)")
+    g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA", help="CutMix alpha (default 0: off)")
+    g.add_argument("--mix-prob", type=float, default=None, metavar="P",
+                   help="probability that a batch is mixed (default 1)")
+    g.add_argument("--mix-switch-prob", type=float, default=None, metavar="P",
+                   help="with both mixup and CutMix: probability of CutMix (default 0.5)")
+
+
+def add_weights_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the trained weights even where the checkpoint holds an EMA of them (default: the EMA)")
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
     add_run_flags(p)
@@ -115,6 +175,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="checkpoint (or weights file) to evaluate, or an .onnx file from xception export")
     p.add_argument("--report", dest="eval_report", action="store_true",
                    help="also write per_class.csv, confusion.csv and confusion.png to --output-dir")
+    p.add_argument("--tta", choices=["flip"], default=None,
+                   help="test-time augmentation: flip averages the logits of each image and its mirror")
+    add_weights_choice(p)
 
 
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
@@ -136,6 +199,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_int, default=None, help="override the weights' input resolution")
     p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    add_weights_choice(p)
 
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
@@ -149,6 +213,7 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
                    help=f"ONNX opset version (default {DEFAULT_OPSET})")
     p.add_argument("--image-size", type=_int, default=None, metavar="N",
                    help=f"input resolution of the graph (default: the checkpoint's, else {DEFAULT_IMAGE_SIZE})")
+    add_weights_choice(p)
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
@@ -186,6 +251,23 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_int, default=2,
                    help="untimed steps before timing (at least 1 is run; the first compiles)")
     p.add_argument("--steps", type=_int, default=3, help="steps per timed repeat")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="--mode train: instead of timing, run our real training loop (the engine's step, guard, "
+                        "optimizer: fused SGD on CUDA; --dtype float16 with the loss scaler) for max(20, steps x "
+                        "repeats) steps, printing every 10, and count per step the host reads of tensor values "
+                        "(item, tolist, bool, float, int) and, on CUDA, the syncs that "
+                        "torch.cuda.set_sync_debug_mode('warn') reports. No img/s and no timm: the counters slow "
+                        "the host. The goal: 0 outside print steps")
+    p.add_argument("--ema", action="store_true",
+                   help="--mode train: also time the EMA update (engine/ema.py) and report it as a share of our step")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="--mode train: mixup in the step")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="--mode train: CutMix in the step")
+    p.add_argument("--deterministic", action="store_true",
+                   help="no cuDNN autotuning and deterministic algorithms (default: cudnn.benchmark on CUDA, as "
+                        "training sets it; the JSON's cudnn_benchmark says which)")
+    p.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
+                   help="--mode data: also time our pipeline with this policy (RandAugment at its default "
+                        "magnitude and op count) next to the plain one, in the same run")
 
 
 def add_check_flags(p: argparse.ArgumentParser) -> None:
@@ -216,3 +298,14 @@ def add_prepare_flags(p: argparse.ArgumentParser) -> None:
 def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output-dir (holds metrics.csv)")
     p.add_argument("--out", default=None, metavar="FILE", help="where to write the PNG (default OUTPUT_DIR/curves.png)")
+
+
+def add_average_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="our checkpoints of one network and class list (e.g. a run's kept epochs); one alone "
+                        "is written back unchanged")
+    p.add_argument("-o", "--out", required=True, metavar="FILE",
+                   help="where to write the averaged checkpoint (must not exist yet)")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="average the trained weights even of checkpoints that hold an EMA (default: each "
+                        "checkpoint's EMA where it has one, as eval would use)")

@@ -17,7 +17,7 @@ from .config import METRICS_NAME, UserError
 from .files import write_text
 
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "epoch_seconds",
-                  "bad_images_skipped", "overflow_steps_skipped"]
+                  "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5"]
 TENSORBOARD_DIR = "tensorboard"
 CONFUSION_CSV_MAX_CLASSES = 100
 
@@ -72,6 +72,8 @@ def epoch_line(epoch: int, epochs: int, row: dict, faults: tuple = ()) -> str:
     line = (f"epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
             f"top1 {row['top1']:.3f} top5 {row['top5']:.3f} lr {row['lr']:.4g} "
             f"img/s {row['images_per_sec']:.1f} time {row['epoch_seconds']:.1f}s")
+    if row.get("ema_top1") is not None:
+        line += f" ema_top1 {row['ema_top1']:.3f} ema_top5 {row['ema_top5']:.3f}"
     for column, label in FAULT_COLUMNS.items():
         if column in row and (column in faults or row[column]):
             line += f" {label} {row[column]}"
@@ -136,7 +138,9 @@ def append_metrics(path: str, row: dict) -> None:
         with open(path, newline="") as f:
             old = f.read()
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+    # a file begun by an older version keeps its columns (a resumed run must not shift them)
+    fields = next(csv.reader(io.StringIO(old)), None) if old else None
+    writer = csv.DictWriter(buffer, fieldnames=fields or METRICS_FIELDS, extrasaction="ignore")
     if not old:
         writer.writeheader()
     writer.writerow(row)

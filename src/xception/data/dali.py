@@ -129,6 +129,13 @@ class DaliLoader(Loader):
 
 def dali_loaders(cfg, ctx, need_train: bool, log=print) -> tuple:
     """(classes, train loader or None, val loader) of an image folder, decoded on this rank's GPU."""
+    # checked first, so that the refusal is the same on any machine (not masked by the device check);
+    # training only: an evaluation never augments, whatever settings it carries
+    extras = ([f"--auto-augment {cfg.auto_augment}"] if cfg.auto_augment else []) + \
+             ([f"--random-erase {cfg.random_erase:g}"] if cfg.random_erase > 0 else [])
+    if need_train and extras:
+        raise UserError(f"{' and '.join(extras)}: not available with --loader dali (its GPU graph only crops, "
+                        f"resizes and flips); use --loader tv, which applies them on the CPU workers")
     if ctx.device.type != "cuda":
         raise UserError("--loader dali decodes on a CUDA GPU; this run's device is "
                         f"{ctx.device.type} (use --loader tv)")

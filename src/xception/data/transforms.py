@@ -7,6 +7,10 @@ read a file (`load(path)`) or its bytes (`load_bytes(data)`):
   (loaders.to_device) then needs no transpose.
 * `pil_train` / `pil_eval` (`--loader pil`): the reference, Pillow + torchvision transforms v2.
 
+Training augmentation beyond crop and flip (--auto-augment, --random-erase) is torchvision's v2 ops, the
+same on both families, in the reference order: crop, resize, flip, then the auto-augment policy on the
+uint8 image, then random erasing last (`augment_ops`). The DALI graph has neither (data/dali.py refuses).
+
 Decoder choice (measured, docs/performance.md "Input pipeline"): TorchCodec's decode_jpeg (libjpeg-turbo,
 EXIF orientation applied, greyscale and CMYK made RGB exactly as Pillow does) for JPEGs; Pillow with
 reduced-size DCT decoding (Image.draft) when the pixels needed are at most half the stored size in both
@@ -39,6 +43,12 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range, as in the reference transform
 ORIENTATION = 0x0112
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# What random erasing writes into its rectangle. to_device maps 128 to +0.004, about the mean of the
+# model's [-1, 1] input: the uint8 equivalent of erasing to 0 after Normalize, as torchvision's reference
+# recipe does. Black (0) would become -1, an extreme value, and value="random" is no option on uint8:
+# torchvision writes its float N(0, 1) noise into the uint8 image, which makes 0/1 and wrapped 254/255
+# speckle, not noise.
+ERASE_VALUE = 128
 
 
 def load_rgb(path) -> Image.Image:
@@ -145,11 +155,12 @@ class FileTransform:
 
 
 class Uint8Train(FileTransform):
-    """RandomResizedCrop(size, scale, 3/4..4/3, bilinear, antialias) + p=0.5 horizontal flip, on uint8.
-    Also callable on a decoded PIL image or uint8 tensor (`apply`)."""
+    """RandomResizedCrop(size, scale, 3/4..4/3, bilinear, antialias) + p=0.5 horizontal flip, on uint8,
+    then `augment` (a v2 transform of a uint8 image, from augment_ops) if given. Also callable on a
+    decoded PIL image or uint8 tensor (`apply`)."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), hflip: bool = True):
-        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+    def __init__(self, size: int, scale=(0.08, 1.0), hflip: bool = True, augment=None):
+        self.size, self.scale, self.hflip, self.augment = size, tuple(scale), hflip, augment
 
     def crop_params(self, height: int, width: int) -> tuple:
         """(top, left, h, w): torchvision's own RandomResizedCrop sampler, on torch's random stream."""
@@ -189,7 +200,10 @@ class Uint8Train(FileTransform):
                                               antialias=True, align_corners=False)
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
-        return _channels_last(out[0])
+        if self.augment is None:
+            return _channels_last(out[0])
+        # the v2 ops return plain CHW memory; back to channels-last, the layout collate copies fastest
+        return _channels_last(self.augment(out[0]))
 
 
 class Uint8Eval(FileTransform):
@@ -217,10 +231,11 @@ def _as_chw(image) -> torch.Tensor:
 
 
 class PilTransform(FileTransform):
-    """The reference path (`--loader pil`): Pillow decodes, torchvision transforms v2 augment the PIL image."""
+    """The reference path (`--loader pil`): Pillow decodes, torchvision transforms v2 augment the PIL image;
+    `after` runs on the uint8 tensor it becomes."""
 
-    def __init__(self, steps: list):
-        self.compose = v2.Compose(steps + [v2.PILToTensor()])
+    def __init__(self, steps: list, after: list = ()):
+        self.compose = v2.Compose(steps + [v2.PILToTensor()] + list(after))
 
     def load(self, path: str) -> torch.Tensor:
         return self.compose(load_rgb(path))
@@ -232,9 +247,12 @@ class PilTransform(FileTransform):
         return self.compose(image)
 
 
-def pil_train(size: int, scale=(0.08, 1.0), hflip: bool = True) -> PilTransform:
+def pil_train(size: int, scale=(0.08, 1.0), hflip: bool = True, policy=None, erase=None) -> PilTransform:
+    """`policy` (an auto-augment op) works on the PIL image, as in torchvision's reference recipe; `erase`
+    (RandomErasing) on the tensor, as on the uint8 path."""
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return PilTransform([v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)] + flip)
+    steps = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)] + flip
+    return PilTransform(steps + ([policy] if policy else []), [erase] if erase else [])
 
 
 def pil_eval(size: int, crop_pct: float) -> PilTransform:
@@ -242,11 +260,43 @@ def pil_eval(size: int, crop_pct: float) -> PilTransform:
                                    antialias=True), v2.CenterCrop(size)])
 
 
+def auto_augment_op(name, magnitude: int = 9, num_ops: int = 2):
+    """The --auto-augment policy as a torchvision v2 op (it takes uint8 tensors and PIL images alike), or
+    None. Geometric ops interpolate bilinearly, as torchvision's classification recipe asks (v2's default
+    is nearest). All of them draw from torch's global generator, which the run seeds per rank, epoch and
+    loader worker and a checkpoint restores: the augmentation is reproducible and resumes exactly."""
+    bilinear = InterpolationMode.BILINEAR
+    if name is None:
+        return None
+    if name == "ra":
+        return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=bilinear)
+    if name == "ta":
+        return v2.TrivialAugmentWide(interpolation=bilinear)
+    if name == "aa":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear)
+    if name == "augmix":
+        return v2.AugMix(interpolation=bilinear)
+    raise ValueError(f"unknown auto-augment policy {name!r}")  # Config.validate refuses it first
+
+
+def augment_ops(cfg) -> tuple:
+    """(auto-augment op or None, RandomErasing or None) for the run's settings."""
+    policy = auto_augment_op(cfg.auto_augment, cfg.ra_magnitude, cfg.ra_num_ops)
+    erase = v2.RandomErasing(p=cfg.random_erase, value=ERASE_VALUE) if cfg.random_erase > 0 else None
+    return policy, erase
+
+
 def build_transform(cfg, train: bool) -> FileTransform:
-    """The run's train or eval transform: cfg.loader pil is the reference, anything else the uint8 path."""
+    """The run's train or eval transform: cfg.loader pil is the reference, anything else the uint8 path.
+    Only training gets --auto-augment and --random-erase."""
+    if not train:
+        make_eval = pil_eval if cfg.loader == "pil" else Uint8Eval
+        return make_eval(cfg.image_size, cfg.crop_pct)
+    policy, erase = augment_ops(cfg)
     if cfg.loader == "pil":
-        return pil_train(cfg.image_size, cfg.crop_scale, cfg.hflip) if train else pil_eval(cfg.image_size, cfg.crop_pct)
-    return Uint8Train(cfg.image_size, cfg.crop_scale, cfg.hflip) if train else Uint8Eval(cfg.image_size, cfg.crop_pct)
+        return pil_train(cfg.image_size, cfg.crop_scale, cfg.hflip, policy, erase)
+    ops = [op for op in (policy, erase) if op is not None]
+    return Uint8Train(cfg.image_size, cfg.crop_scale, cfg.hflip, v2.Compose(ops) if ops else None)
 
 
 def collate(batch: list) -> tuple:

@@ -1,6 +1,8 @@
 """`xception eval`: the one evaluation driver. It serves our checkpoints (or any weights file the model
 reads) and exported .onnx graphs (run by onnxruntime), with or without --report (per-class accuracy and
-the confusion matrix). The input size and crop are the weights' own unless a flag says otherwise."""
+the confusion matrix). The input size and crop are the weights' own unless a flag says otherwise. A checkpoint
+holding an EMA is evaluated with it (--raw-weights: the trained weights); --tta flip averages each image's
+logits with its mirror's (`FlipTTA`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import time
 
 import torch
+from torch import nn
 
 from ..config import Config, UserError
 from ..model.deploy import Opened, open_weights
@@ -24,7 +27,7 @@ def evaluate_weights(cfg: Config) -> dict:
     t_start = time.perf_counter()
     if not cfg.resume:
         raise UserError("xception eval needs the weights to evaluate: --resume PATH (or --weights PATH)")
-    what = open_weights(cfg.resume, cfg.image_size)
+    what = open_weights(cfg.resume, cfg.image_size, raw=cfg.raw_weights)
     size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log())
     run = Run(cfg.replace(image_size=size, crop_pct=crop), need_train=False, kind="eval")
     try:
@@ -36,8 +39,8 @@ def evaluate_weights(cfg: Config) -> dict:
         val = evaluate(model, run.val_loader, run.ctx, precision, channels_last, extra, progress)
         progress.close()
         fps = val["count"] / (time.perf_counter() - t0)
-        run.log(f"eval {cfg.resume} on {val['count']} images: loss {val['loss']:.4f} top1 {val['top1']:.3f} "
-                f"top5 {val['top5']:.3f}")
+        run.log(f"eval {cfg.resume}{_variant(what, cfg)} on {val['count']} images: loss {val['loss']:.4f} "
+                f"top1 {val['top1']:.3f} top5 {val['top5']:.3f}")
         if cfg.eval_report and run.ctx.is_main:
             write_eval_report(val["confusion"], run.classes, cfg.output_dir, os.path.basename(cfg.resume), run.log)
         result = {"fps": fps, "top1": val["top1"], "loss": val["loss"], "e2e_seconds": time.perf_counter() - t_start}
@@ -47,6 +50,30 @@ def evaluate_weights(cfg: Config) -> dict:
         run.close()
 
 
+class FlipTTA(nn.Module):
+    """Test-time augmentation: the mean of the logits of each image and of its left-right mirror. Images
+    are NCHW (or channels_last, the same logical layout), so the mirror is a flip of the last dimension.
+    `inner` may be an OnnxModel too: it is only called on tensors (and is then a plain attribute)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # averaged in float32: under fp16 autocast the two logits could overflow when added in half
+        return (self.inner(x).float() + self.inner(x.flip(-1)).float()) / 2
+
+
+def _variant(what: Opened, cfg: Config) -> str:
+    """' (EMA weights, tta flip)' and the like for the result line, so that a figure names what made it."""
+    parts = []
+    if what.weights is not None and what.weights.variant is not None:
+        parts.append("EMA weights" if what.weights.variant == "ema" else "trained weights")
+    if cfg.tta:
+        parts.append(f"tta {cfg.tta}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _model(run: Run, what: Opened) -> tuple:
     """(callable model, precision, channels_last, device name for the case log)."""
     if what.graph is not None:
@@ -54,13 +81,28 @@ def _model(run: Run, what: Opened) -> tuple:
             raise UserError("evaluating an .onnx file runs in one process; leave out --nproc/torchrun")
         run.log(f"eval {what.source} with onnxruntime ({', '.join(what.graph.session.get_providers())}), "
                 f"{run.cfg.image_size} px, crop {run.cfg.crop_pct}")
-        return what.graph, Precision("cpu"), False, "onnxruntime"
+        if run.cfg.raw_weights:
+            run.log(f"note: --raw-weights does not apply to {what.source}: a graph holds the weights it was "
+                    f"exported with")
+        return _tta(what.graph, run), Precision("cpu"), False, "onnxruntime"
+    if what.weights.choice_note:
+        run.log(what.weights.choice_note)
     net = build_model(None, len(run.classes), keras_exact=what.weights.keras_exact)
     load_into(net, what.weights, allow_new_head=False, log=run.log)
     model = run.place(net, frozen=True)  # the weights stay fixed in an eval run
     if run.cfg.compile:
         _compile_warmup(model, run)
-    return model, run.precision, run.channels_last, run.ctx.device.type
+    return _tta(model, run), run.precision, run.channels_last, run.ctx.device.type
+
+
+def _tta(model, run: Run):
+    """The model as evaluated: wrapped for --tta (outside torch.compile, so the compiled graph is the plain
+    model's and is reused for the mirror, which has the same shape)."""
+    if run.cfg.tta is None:
+        return model
+    if run.cfg.tta != "flip":
+        raise UserError(f"--tta {run.cfg.tta}: unknown; the choice is flip")
+    return FlipTTA(model)
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ class StepGuard(Hook):
     interval later, and never before the step that went wrong is named. A signal is seen at once on one
     process, and at the next check step when there are several (they must agree)."""
 
-    def __init__(self, ctx, loss_scaling: bool, max_nonfinite: int, log=print):
+    def __init__(self, ctx, loss_scaling: bool, max_nonfinite: int, log=print, accum: int = 1):
         self.ctx, self.log = ctx, log
+        self.accum = accum  # a signal stops only where an optimizer step ends (no gradients half-accumulated)
         # Without loss scaling a non-finite loss has already reached the weights: stop at the first.
         self.limit = max_nonfinite if loss_scaling else 1
         self.loss_scaling = loss_scaling
@@ -96,7 +97,8 @@ class StepGuard(Hook):
         finite = torch.isfinite(loss).all()
         self._streak = torch.where(finite, torch.zeros_like(self._streak), self._streak + 1)
         self._hit = torch.where((self._streak >= self.limit) & (self._hit == NEVER), step + 1, self._hit)
-        if check or (self.signal_name and not self.ctx.distributed):
+        at_boundary = (step + 1) % self.accum == 0
+        if check or (self.signal_name and not self.ctx.distributed and at_boundary):
             return self._agree()
         return False
 

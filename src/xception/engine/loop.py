@@ -7,6 +7,7 @@ non-finite loss, freezing the backbone, averaging weights) is a hook (hooks.py),
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,40 +24,72 @@ TIMING_WARMUP_ITERS = 5  # first iterations of an epoch left out of img/s (alloc
 
 @dataclass
 class Step:
-    """One optimisation step: forward under autocast, backward (scaled for fp16), optimizer, LR schedule.
+    """One training step on one batch: optional batch mixing (mixup/CutMix), forward under autocast,
+    backward (scaled for fp16); every `accum`-th batch also the optimizer step (after unscaling and
+    clipping), the LR schedule, and zeroing the gradients.
+
     Nothing here reads the device on the host: with a fused optimizer (CUDA) the loss scaler hands its
-    overflow flag to the optimizer's kernel instead of reading it, and the steps it skipped are counted on
-    the device (`overflow_skipped` reads the count, at an epoch's end)."""
+    overflow flag to the optimizer's kernel instead of reading it, the clipping norm stays on the device,
+    and the steps the scaler skipped are counted on the device (`overflow_skipped` reads the count, at an
+    epoch's end)."""
     model: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     precision: Precision
+    accum: int = 1  # batches per optimizer step (--grad-accum-steps)
+    clip_grad_norm: float | None = None
+    mix: object = None  # (images, targets) -> (images, soft targets), e.g. engine/mix.py
     skipped: torch.Tensor | None = None  # steps the loss scaler skipped, on the device
+    pending: int = 0  # batches whose gradients wait for the next optimizer step
+    updates: int = 0  # optimizer steps taken (the scaler may have skipped some)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast():
-            loss = self.criterion(self.model(images), targets)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.mix is not None:
+            images, targets = self.mix(images, targets)
+        last = self.pending + 1 == self.accum
+        # Under DDP the gradients are all-reduced only on the batch that ends an accumulation.
+        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            with self.precision.autocast():
+                loss = self.criterion(self.model(images), targets)
+            part = loss / self.accum if self.accum > 1 else loss  # the mean over the accumulated batches
+            scaler = self.precision.scaler
+            (scaler.scale(part) if scaler is not None else part).backward()
+        self.pending += 1
+        if last:
+            self._optimizer_step()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
         if scaler is None:
-            loss.backward()
+            self._clip()
             self.optimizer.step()
         else:
-            self._scaled_step(scaler, loss)
+            self._scaled_step(scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.updates += 1
         with warnings.catch_warnings():
             # With fp16 a first overflowing step is skipped, which makes torch warn that the
             # scheduler stepped before the optimizer; that is expected here.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.scheduler.step()
-        return loss.detach()
 
-    def _scaled_step(self, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
-        scaler.scale(loss).backward()
+    def _clip(self) -> None:
+        if self.clip_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+
+    def _scaled_step(self, scaler: torch.amp.GradScaler) -> None:
         # The dynamic update halves the scale exactly when the step was skipped (inf/NaN gradients): a drop
         # of the scale is the skip count's source. An optimizer post-hook cannot be: a fused optimizer
         # "steps" every time and skips inside its kernel. (_get_scale_async: the scale tensor, not .item().)
         before = scaler._get_scale_async().clone()
+        if self.clip_grad_norm is not None:
+            scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            self._clip()
         scaler.step(self.optimizer)
         scaler.update()
         if self.skipped is None:

@@ -3,6 +3,7 @@ checkpoint after each; resumable at an epoch's end or, after a signal, at the st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -10,38 +11,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from ..checkpoint import Checkpoint, unwrap
-from ..config import BEST_NAME, CHECKPOINT_NAME, Config, UserError
+from ..config import BEST_NAME, CHECKPOINT_NAME, METRICS_NAME, Config, UserError
 from ..files import WriteError, copy_atomic
 from ..model.weights import build_model, from_checkpoint, load_into, read_weights
-from ..report import FAULT_COLUMNS
+from ..recipes import describe
+from ..report import FAULT_COLUMNS, read_metrics
 from ..runtime import broadcast_buffers, gather_rng, on_main
 from .hooks import Diverged, HeadOnly, Preempted, StepGuard, resume_position
+from .ema import Ema
 from .loop import EpochPlan, Step, evaluate, train_one_epoch
+from .mix import build_mix
+from .optim import build_optimizer, build_scheduler
 from .setup import Run
-
-WARMUP_START_FACTOR = 0.01  # linear warm-up starts at 1% of --lr
-
-
-def build_scheduler(optimizer, cfg: Config, iters_per_epoch: int):
-    """Linear warm-up then cosine to zero, stepped every iteration."""
-    total = cfg.epochs * iters_per_epoch
-    warmup = min(round(cfg.warmup_epochs * iters_per_epoch), total - 1)
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
-    if warmup <= 0:
-        return cosine
-    linear = LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup)
-    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-
-
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum. On CUDA the fused kernel: one launch for all parameters, and with fp16 the loss
-    scaler passes its overflow flag into the kernel instead of reading it on the host every step."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=True if device.type == "cuda" else None)
-
 
 @dataclass
 class Training:
@@ -58,6 +41,8 @@ class Training:
     best_top1: float = -math.inf
     saved_path: str | None = None  # the last good checkpoint on disk: the resumed one, then ckpt_path
     saved_epoch: int = 0  # its epoch
+    ema: Ema | None = None  # --ema: the weights' moving average
+    kept: list = field(default_factory=list)  # --keep-checkpoints: (score, epoch) of the epoch files kept
     fps: list = field(default_factory=lambda: [0.0, 0.0])  # images and seconds over the epochs
 
 
@@ -88,7 +73,10 @@ def _setup(run: Run) -> Training:
     run.cfg = cfg = cfg.replace(resume=resume)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # Files named on the command line are read on rank 0 and sent to the others: nodes need not share them.
-    pretrained = on_main(ctx, read_weights, cfg.pretrained, "--pretrained") if cfg.pretrained else None
+    # A checkpoint with an EMA passes on its average, the better weights to start from (as eval uses them).
+    pretrained = on_main(ctx, read_weights, cfg.pretrained, "--pretrained", True) if cfg.pretrained else None
+    if pretrained is not None and pretrained.variant == "ema":
+        log(f"--pretrained {cfg.pretrained}: starting from the EMA weights it holds")
     net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log)
     ckpt = on_main(ctx, Checkpoint.load, cfg.resume) if cfg.resume else None
     if ckpt is not None:
@@ -97,18 +85,38 @@ def _setup(run: Run) -> Training:
     model = run.place(net)
     net = unwrap(model)
     optimizer = build_optimizer(model, cfg, ctx.device)
-    iters = min(len(run.train_loader), cfg.steps_per_epoch or len(run.train_loader))
+    iters = _iterations(run)
+    accum = cfg.grad_accum_steps
     step = Step(model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), optimizer,
-                build_scheduler(optimizer, cfg, iters), run.precision)
-    guard = StepGuard(ctx, run.precision.scaler is not None, cfg.max_nonfinite_steps, log)
+                build_scheduler(optimizer, cfg, iters // accum), run.precision, accum, cfg.clip_grad_norm,
+                build_mix(cfg, len(run.classes)))
+    guard = StepGuard(ctx, run.precision.scaler is not None, cfg.max_nonfinite_steps, log, accum)
     t = Training(run, net, step, guard, [guard, HeadOnly(model, optimizer, cfg.freeze_epochs, log)], iters, ckpt_path)
+    if cfg.ema:
+        t.ema = Ema(net, step, cfg.ema_decay, cfg.ema_warmup, cfg.ema_every)
+        t.hooks.append(t.ema)
     if ckpt is not None:
         _resume(t, ckpt)
+    log(describe(cfg))
     log(f"training on {ctx.world_size} x {ctx.device.type} ({run.precision.name}, "
         f"{'channels_last' if run.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}), "
         f"{run.train_loader.num_samples} train / {run.val_loader.num_samples} val images, {len(run.classes)} "
-        f"classes, global batch {cfg.batch_size}, {iters} iterations per epoch")
+        f"classes, global batch {cfg.batch_size}"
+        + (f" x {accum} accumulated = {cfg.batch_size * accum} per optimizer step" if accum > 1 else "")
+        + f", {iters} iterations per epoch")
     return t
+
+
+def _iterations(run: Run) -> int:
+    """Batches per epoch: the loader's (or --steps-per-epoch), cut to whole accumulations, so that every
+    epoch ends on an optimizer step."""
+    cfg = run.cfg
+    batches = min(len(run.train_loader), cfg.steps_per_epoch or len(run.train_loader))
+    iters = batches // cfg.grad_accum_steps * cfg.grad_accum_steps
+    if iters == 0:
+        raise UserError(f"--grad-accum-steps {cfg.grad_accum_steps}: an epoch has only {batches} batches; "
+                        f"lower it, or lower --batch-size")
+    return iters
 
 
 def _resume_source(cfg: Config, ckpt_path: str):
@@ -136,6 +144,11 @@ def _resume(t: Training, ckpt: Checkpoint) -> None:
     except (KeyError, ValueError) as e:
         raise UserError(f"--resume {cfg.resume}: holds no resumable training state ({e}); "
                         f"use --pretrained to start a new run from its weights")
+    if t.ema is not None and ckpt.ema is not None:
+        t.ema.load(ckpt.ema, ckpt.ema_updates)
+    elif t.ema is not None:
+        log(f"--ema: {cfg.resume} holds no average; starting one from its weights")
+    t.kept = on_main(t.run.ctx, _kept_checkpoints, cfg.output_dir, cfg.keep_checkpoints)
     t.start_epoch, t.best_top1 = ckpt.epoch, ckpt.best_acc1
     t.saved_path, t.saved_epoch = cfg.resume, ckpt.epoch
     t.start_step = resume_position(ckpt, t.guard, t.run.ctx, log)
@@ -162,7 +175,8 @@ def _checkpoint(t: Training, epoch: int, **extra) -> Checkpoint:
                       scheduler=t.step.scheduler.state_dict(),
                       scaler=run.precision.scaler.state_dict() if run.precision.scaler else None,
                       best_acc1=t.best_top1, args=run.cfg.to_dict(), class_names=list(run.classes),
-                      keras_exact=bool(getattr(t.net, "keras_exact", False)), **extra)
+                      keras_exact=bool(getattr(t.net, "keras_exact", False)),
+                      ema=t.ema.state()[0] if t.ema else None, ema_updates=t.ema.updates if t.ema else 0, **extra)
 
 
 def _fault_counts(t: Training) -> tuple:
@@ -177,7 +191,8 @@ def _epoch(t: Training, epoch: int) -> dict:
     run.train_loader.set_epoch(epoch, t.start_step)
     progress = run.report.progress(t.iters, f"epoch {epoch + 1}/{cfg.epochs}", epoch * t.iters)
     before = _fault_counts(t)
-    plan = EpochPlan(t.iters, cfg.print_freq, run.channels_last, t.start_step)
+    # --print-freq counts optimizer steps; the loop counts batches
+    plan = EpochPlan(t.iters, cfg.print_freq * cfg.grad_accum_steps, run.channels_last, t.start_step)
     stats = train_one_epoch(t.step, run.train_loader, ctx, plan, t.hooks, progress, epoch)
     progress.close()
     if cfg.compile and epoch == t.start_epoch:
@@ -188,9 +203,7 @@ def _epoch(t: Training, epoch: int) -> dict:
         raise Diverged(t.guard.diverged_message(epoch, t.saved_path, t.saved_epoch))
     if t.guard.stop == "signal":
         _save_and_stop(t, epoch, stats.steps_done)
-    broadcast_buffers(t.net, ctx)  # every rank evaluates rank 0's BatchNorm statistics, without DDP
-    val = evaluate(t.step.model if not ctx.distributed else t.net, run.val_loader, ctx, run.precision,
-                   run.channels_last)
+    val = _evaluate(t, t.net)
     t.fps[0] += stats.images_per_sec * stats.seconds
     t.fps[1] += stats.seconds
     images, overflow = _fault_counts(t)
@@ -200,17 +213,69 @@ def _epoch(t: Training, epoch: int) -> dict:
            "top5": val["top5"], "lr": t.step.lr, "images_per_sec": stats.images_per_sec,
            "epoch_seconds": stats.seconds, "bad_images_skipped": run.bad_skipped + during,
            "overflow_steps_skipped": overflow - before[1]}
-    is_best = val["top1"] > t.best_top1
-    t.best_top1 = max(t.best_top1, val["top1"])
+    score, source = val["top1"], "model"
+    if t.ema is not None:
+        ema = _evaluate(t, t.ema.module)
+        row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        if ema["top1"] > score:
+            score, source = ema["top1"], "ema"
+    is_best = score > t.best_top1
+    t.best_top1 = max(t.best_top1, score)
     shown = [c for c, on in zip(FAULT_COLUMNS, (cfg.skip_bad_images, run.precision.scaler is not None)) if on]
     run.report.epoch(row, tuple(shown))
     if ctx.is_main:
-        _checkpoint(t, epoch + 1).save(t.ckpt_path)
+        _checkpoint(t, epoch + 1, best_source=source).save(t.ckpt_path)
         t.saved_path, t.saved_epoch = t.ckpt_path, epoch + 1
         if is_best:
             copy_atomic(t.ckpt_path, os.path.join(cfg.output_dir, BEST_NAME))
+        _keep(t, score, epoch + 1)
     ctx.barrier()
     return row
+
+
+def _evaluate(t: Training, net: nn.Module) -> dict:
+    """Evaluate a plain network (the trained one, or its average) on every rank's share of val. Every
+    rank takes rank 0's BatchNorm statistics first; DDP is left out (it would broadcast them itself, on the
+    first forward, which a rank without a val batch never makes: a hang)."""
+    run = t.run
+    broadcast_buffers(net, run.ctx)
+    model = t.step.model if net is t.net and not run.ctx.distributed else net  # compiled when asked
+    return evaluate(model, run.val_loader, run.ctx, run.precision, run.channels_last)
+
+
+def _epoch_file(output_dir: str, epoch: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-epoch{epoch}.pth.tar")
+
+
+def _keep(t: Training, score: float, epoch: int) -> None:
+    """--keep-checkpoints N: keep this epoch's checkpoint under its own name while it is among the N best
+    (by the better of its top-1 and its EMA's); the one it pushes out is deleted."""
+    n = t.run.cfg.keep_checkpoints
+    if n <= 0:
+        return
+    ranked = sorted(t.kept + [(score, epoch)], key=lambda se: (-se[0], se[1]))
+    if (score, epoch) in ranked[:n]:
+        copy_atomic(t.ckpt_path, _epoch_file(t.run.cfg.output_dir, epoch))
+    for _, dropped in ranked[n:]:
+        if dropped != epoch:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_epoch_file(t.run.cfg.output_dir, dropped))
+    t.kept = ranked[:n]
+
+
+def _kept_checkpoints(output_dir: str, n: int) -> list:
+    """At a resume: the epoch files still on disk, scored from metrics.csv, so that --keep-checkpoints
+    goes on ranking them."""
+    path = os.path.join(output_dir, METRICS_NAME)
+    if n <= 0 or not os.path.isfile(path):
+        return []
+    metrics = read_metrics(path)
+    kept = []
+    for i, epoch in enumerate(metrics["epoch"]):
+        scores = [metrics.get(k, [None] * (i + 1))[i] for k in ("top1", "ema_top1")]
+        if epoch is not None and os.path.isfile(_epoch_file(output_dir, int(epoch))):
+            kept.append((max(x for x in scores if x is not None), int(epoch)))
+    return kept
 
 
 def _save_and_stop(t: Training, epoch: int, steps_done: int) -> None:

@@ -183,11 +183,12 @@ class Opened:
     class_names: list | None
 
 
-def open_weights(path: str, image_size: int | None = None, flag: str = "--weights") -> Opened:
+def open_weights(path: str, image_size: int | None = None, flag: str = "--weights", raw: bool = False) -> Opened:
     """Any weights file, or an .onnx graph from `xception export`, for `eval` and `predict`. A graph's
-    input size is fixed: another --image-size is refused."""
+    input size is fixed: another --image-size is refused. A checkpoint holding an EMA gives the EMA unless
+    `raw` (--raw-weights); `weights.choice_note` says which. A graph holds the weights it was exported with."""
     if sniff(path, flag) != "onnx":
-        weights = read_weights(path, flag)
+        weights = read_weights(path, flag, ema=not raw)
         return Opened(path, weights, None, weights.args, weights.class_names)
     graph = OnnxModel(path, flag)
     if image_size and graph.image_size and image_size != graph.image_size:

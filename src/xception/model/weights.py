@@ -33,11 +33,24 @@ class Weights:
     origin: dict = field(default_factory=dict)  # our key -> the file's name for it
     class_names: list | None = None
     args: dict = field(default_factory=dict)  # our checkpoints' saved run settings
+    # Our checkpoints that hold an EMA next to the trained weights: which of the two `state` is, "ema" or
+    # "model". None: the file holds one set of weights, so there was nothing to choose.
+    variant: str | None = None
 
     @property
     def num_classes(self) -> int | None:
         w = self.state.get("fc.weight")
         return None if w is None else int(w.shape[0])
+
+    @property
+    def choice_note(self) -> str | None:
+        """The line eval/predict/export/average print when the file offered a choice of weights (so that a
+        result is never silently the EMA's); None when it did not."""
+        if self.variant == "ema":
+            return f"using the EMA weights of {self.source} (--raw-weights for the trained ones)"
+        if self.variant == "model":
+            return f"using the trained weights of {self.source} (--raw-weights), not the EMA it also holds"
+        return None
 
 
 def sniff(path: str, flag: str = "--weights") -> str:
@@ -57,7 +70,9 @@ def sniff(path: str, flag: str = "--weights") -> str:
                     f".pth or .safetensors state dict, or a Keras .h5 file")
 
 
-def read_weights(path: str, flag: str = "--weights") -> Weights:
+def read_weights(path: str, flag: str = "--weights", ema: bool = False) -> Weights:
+    """The weights of any file we read. `ema`: where our checkpoint holds an EMA, take it (eval, predict,
+    export) rather than the trained weights (the default: a resume continues those)."""
     kind = sniff(path, flag)
     if kind == "hdf5":
         state, origin = ports.read_keras_h5(path, flag)
@@ -67,7 +82,7 @@ def read_weights(path: str, flag: str = "--weights") -> Weights:
                         f"give the checkpoint it was exported from")
     obj = _read_safetensors(path, flag) if kind == "safetensors" else load_file(path, flag=flag)
     if is_checkpoint(obj):
-        return from_checkpoint(Checkpoint.from_dict(obj, f"{flag} {path}"), path)
+        return from_checkpoint(Checkpoint.from_dict(obj, f"{flag} {path}"), path, ema=ema)
     state = obj.get("state_dict", obj.get("model", obj))  # a bare state dict, or one inside a dict
     if not is_state_dict(state):
         raise UserError(f"{flag} {path}: the file holds no model state dict")
@@ -86,9 +101,15 @@ def _read_safetensors(path: str, flag: str) -> dict:
         raise UserError(f"{flag} {path}: not a readable safetensors file ({type(e).__name__})")
 
 
-def from_checkpoint(ckpt: Checkpoint, source: str) -> Weights:
-    return Weights(dict(ckpt.model), "xception", source, keras_exact=ckpt.keras_exact,
-                   origin={k: k for k in ckpt.model}, class_names=ckpt.class_names, args=ckpt.args)
+def from_checkpoint(ckpt: Checkpoint, source: str, ema: bool = False) -> Weights:
+    """The checkpoint's weights: its EMA when `ema` and it has one, else the trained weights. The default is
+    the trained weights because resuming a run must continue those, never the average."""
+    if ckpt.ema is None:
+        state, variant = ckpt.model, None
+    else:
+        state, variant = (ckpt.ema, "ema") if ema else (ckpt.model, "model")
+    return Weights(dict(state), "xception", source, keras_exact=ckpt.keras_exact, origin={k: k for k in state},
+                   class_names=ckpt.class_names, args=ckpt.args, variant=variant)
 
 
 def from_state_dict(state: dict, source: str) -> Weights:

@@ -1,5 +1,6 @@
 """`xception bench`: time our training or inference step against timm's legacy_xception in one process
-(--mode train|infer), or the input pipeline (--mode data, databench.py)."""
+(--mode train|infer), or the input pipeline (--mode data, databench.py); or, with --sync-debug, count the
+host reads and CUDA syncs of our real training loop per step (syncdebug.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,25 @@ import json
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import MIN_INPUT_SIZE, UserError
+from ..config import MIN_INPUT_SIZE, Config, UserError
+from ..engine.ema import Ema
+from ..engine.mix import build_mix
 from ..model import Xception
 from ..model.deploy import compile_frozen, fold_batchnorm
-from ..runtime import resolve_device, synchronize
+from ..runtime import configure_kernels, resolve_device, synchronize
 from .databench import run_data_bench
+from .syncdebug import count_syncs, summarize
 
 
 def run(args) -> int:
+    if args.sync_debug:
+        _check_sync_debug(args)
     if args.mode == "data":
         return run_data_bench(args)
     for flag, value in (("--image-size", args.image_size - MIN_INPUT_SIZE + 1), ("--batch-size", args.batch_size),
@@ -28,6 +35,16 @@ def run(args) -> int:
         if value < 1:
             raise UserError(f"{flag} is too small (image size at least {MIN_INPUT_SIZE}, the others at least 1)")
     return run_compute_bench(args)
+
+
+def _check_sync_debug(args) -> None:
+    """--sync-debug runs the training loop eagerly and does not time: the flags it would ignore are refused."""
+    if args.mode != "train":
+        raise UserError(f"--sync-debug counts the syncs of the training loop: use it with --mode train, "
+                        f"not --mode {args.mode}")
+    for flag, on in (("--compile", args.compile), ("--profile", args.profile)):
+        if on:
+            raise UserError(f"--sync-debug runs the eager training loop without timing it: drop {flag}")
 
 
 def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False,
@@ -43,12 +60,15 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, **impl[args.optimizer_impl])
 
+    mix = build_mix(Config(mixup=args.mixup, cutmix=args.cutmix), 1000) if train else None
+
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if not train:
                 with torch.inference_mode():
                     return model(x)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            images, targets = mix(x, y) if mix is not None else (x, y)  # --mixup/--cutmix: soft targets
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -82,6 +102,21 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
     if compile:
         out["compile_seconds"] = first_step - args.batch_size / out["median"]
     return out
+
+
+def _ema_cost(model, args, device, step_seconds: float) -> dict:
+    """The EMA update as training runs it (engine/ema.py, parameters and BatchNorm buffers), timed alone
+    over repeats x steps updates, and as a percentage of our timed training step."""
+    ema = Ema(model, SimpleNamespace(updates=0), decay=0.9998)
+    ema.update()  # the first update only copies
+    n = args.repeats * args.steps
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ema.update()
+    synchronize(device)
+    seconds = (time.perf_counter() - t0) / n
+    return {"ema_update_ms": 1000 * seconds, "ema_cost_pct": 100 * seconds / step_seconds}
 
 
 def cpu_peak_gflops(threads: int):
@@ -137,9 +172,24 @@ def _print_table(result: dict, device) -> None:
         print(f"  ratio: {result['ratio']:.3f}")
     else:
         print(f"  timm : skipped, {result['timm_skipped']}")
+    if "ema_cost_pct" in result:
+        print(f"  EMA update: {result['ema_update_ms']:.1f} ms, {result['ema_cost_pct']:.2f}% of our step")
     for side in ("ours", "timm"):
         if f"{side}_compile_seconds" in result:
             print(f"  {side} torch.compile: {result[side + '_compile_seconds']:.1f} s, not in img/s")
+
+
+def _print_sync_debug(result: dict, device) -> None:
+    s = result["sync_debug"]
+    print(f"sync debug: our training loop, {s['steps']} steps (print every {s['print_freq']}), "
+          f"{result['image_size']}px batch {result['batch_size']} {result['dtype']} on {device}, "
+          f"{result['ours_settings']['optimizer']}")
+    print(f"  host reads: {s['host_reads_outside_print_steps']} outside print steps, "
+          f"{s['host_reads_at_print_steps']} at print steps")
+    if s["cuda_syncs_outside_print_steps"] is not None:
+        print(f"  CUDA syncs: {s['cuda_syncs_outside_print_steps']} outside print steps, "
+              f"{s['cuda_syncs_at_print_steps']} at print steps")
+    print(f"  syncs per step outside print steps: {s['syncs_per_step']:.3f} (goal 0)")
 
 
 def run_compute_bench(args) -> int:
@@ -147,15 +197,27 @@ def run_compute_bench(args) -> int:
     train = args.mode == "train"
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As training sets up its device: cuDNN autotuning on CUDA (fixed shapes), unless --deterministic.
+    configure_kernels(device, args.deterministic)
+    result = {"mode": args.mode, "image_size": args.image_size, "batch_size": args.batch_size,
+              "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
+              "threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if args.sync_debug:
+        ledger, steps, result["ours_settings"], cuda = count_syncs(args, device)
+        result["sync_debug"] = summarize(ledger, steps, cuda)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_sync_debug(result, device)
+        return 0
     torch.manual_seed(0)
     ours = Xception(num_classes=1000)
     if not train and args.fold_bn:
         ours = fold_batchnorm(ours.eval())
-    result = {"mode": args.mode, "image_size": args.image_size, "batch_size": args.batch_size,
-              "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
-              "threads": torch.get_num_threads(),
-              "ours_settings": {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
-                                "compile": args.compile, "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None}}
+    result["ours_settings"] = {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
+                               "compile": args.compile,
+                               "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None,
+                               "mixup": args.mixup, "cutmix": args.cutmix, "ema": train and args.ema}
     stats = _time_model(ours, args, device, args.channels_last, train, args.compile, profile=args.profile)
     result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
     # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
@@ -167,6 +229,8 @@ def run_compute_bench(args) -> int:
         result["ours_fraction_of_peak"] = result["ours_gflops"] / peak
     if "compile_seconds" in stats:
         result["ours_compile_seconds"] = stats["compile_seconds"]
+    if train and args.ema:
+        result.update(_ema_cost(ours, args, device, args.batch_size / stats["median"]))
     del ours
     _timm_side(args, device, train, result)
     if "profile" in stats:

@@ -1,6 +1,8 @@
 """`xception bench --mode data`: images per second of our input pipeline and, in the same run and over the
 same files, of the PIL + torchvision transforms v1 ImageFolder baseline (float tensors normalised on the
-worker, the seed's loader). Timed passes alternate between the two, so a busy machine slows both alike."""
+worker, the seed's loader). With --auto-augment, also of our pipeline with that policy added (default
+RandAugment settings), next to the plain one. Timed passes alternate between the pipelines, so a busy
+machine slows them all alike."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torchvision import transforms as v1
 from ..config import PIXEL_MEAN, PIXEL_STD, UserError
 from ..data.folder import scan_split
 from ..data.loaders import FolderDataset
-from ..data.transforms import Uint8Train, collate
+from ..data.transforms import Uint8Train, auto_augment_op, collate
 from ..runtime import cpu_count
 
 SYNTHETIC_SIZE = (500, 375)  # ImageNet's most common photo size
@@ -65,16 +67,22 @@ class _Stamped:
         return (*self.collate(batch), (-1 if info is None else info.id, time.process_time()))
 
 
-def _loaders(root: str, args):
+def _loaders(root: str, args) -> tuple:
+    """({name: DataLoader}, files): ours, the baseline and, with --auto-augment, ours augmented."""
     size = args.image_size
     baseline = datasets.ImageFolder(root, v1.Compose([
         v1.RandomResizedCrop(size), v1.RandomHorizontalFlip(), v1.ToTensor(),
         v1.Normalize([PIXEL_MEAN] * 3, [PIXEL_STD] * 3)]))
-    ours = FolderDataset(scan_split(root), Uint8Train(size))
+    split = scan_split(root)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
                   persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
-    return (DataLoader(ours, collate_fn=_Stamped(collate), **common),
-            DataLoader(baseline, collate_fn=_Stamped(default_collate), **common), len(ours))
+    loaders = {"ours": DataLoader(FolderDataset(split, Uint8Train(size)), collate_fn=_Stamped(collate), **common),
+               "baseline": DataLoader(baseline, collate_fn=_Stamped(default_collate), **common)}
+    policy = getattr(args, "auto_augment", None)
+    if policy:
+        augmented = FolderDataset(split, Uint8Train(size, augment=auto_augment_op(policy)))
+        loaders["augmented"] = DataLoader(augmented, collate_fn=_Stamped(collate), **common)
+    return loaders, len(split.samples)
 
 
 def _timed_pass(loader) -> tuple:
@@ -102,22 +110,30 @@ def _timed_pass(loader) -> tuple:
 
 def measure(root: str, args) -> dict:
     torch.set_num_threads(1)  # one core per worker, as the loader runs them
-    ours, baseline, files = _loaders(root, args)
+    loaders, files = _loaders(root, args)
     workers = max(1, args.workers)
     if files < 2 * args.batch_size * workers:
         raise UserError(f"{root}: {files} images; the data benchmark needs at least two batches per worker "
                         f"(2 x -b {args.batch_size} x {workers})")
-    wall = {"ours": [], "baseline": []}
-    cpu = {"ours": [], "baseline": []}
-    for loader in (ours, baseline):  # warm the page cache and start the workers
+    wall = {name: [] for name in loaders}
+    cpu = {name: [] for name in loaders}
+    for loader in loaders.values():  # warm the page cache and start the workers
         _timed_pass(loader)
     for _ in range(max(1, args.repeats)):
-        for name, loader in (("ours", ours), ("baseline", baseline)):
+        for name, loader in loaders.items():
             n, seconds, per_cpu = _timed_pass(loader)
             wall[name].append(n / seconds)
             cpu[name].append(per_cpu)
+    result = _summary(wall, cpu, files, args)
+    if "augmented" in loaders:
+        result.update(_augmented_summary(wall, cpu, workers))
+    return result
+
+
+def _summary(wall: dict, cpu: dict, files: int, args) -> dict:
     med = {k: statistics.median(v) for k, v in wall.items()}
     core = {k: statistics.median(v) for k, v in cpu.items()}
+    workers = max(1, args.workers)
     return {
         "mode": "data", "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "files": files, "repeats": len(wall["ours"]),
@@ -133,8 +149,23 @@ def measure(root: str, args) -> dict:
                     "RandomResizedCrop/flip, NHWC uint8 batches",
         "baseline": "ImageFolder + PIL + transforms v1 RandomResizedCrop/flip/ToTensor/Normalize",
         "ratio_is": "per core: images per worker CPU-second, ours / baseline (ratio_wall: img/s ours / baseline)",
+        "auto_augment": getattr(args, "auto_augment", None),
         "cpus_available": cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _augmented_summary(wall: dict, cpu: dict, workers: int) -> dict:
+    """Our pipeline with and without the auto-augment policy, from the same alternating passes."""
+    plain, augmented = statistics.median(wall["ours"]), statistics.median(wall["augmented"])
+    plain_core, augmented_core = statistics.median(cpu["ours"]), statistics.median(cpu["augmented"])
+    return {
+        "plain_img_s": round(plain, 1), "augmented_img_s": round(augmented, 1),
+        "augmented_per_worker_img_s": round(augmented / workers, 1),
+        "plain_img_per_cpu_s": round(plain_core, 1), "augmented_img_per_cpu_s": round(augmented_core, 1),
+        "augmented_img_s_all": [round(r, 1) for r in wall["augmented"]],
+        # per core, as `ratio`: what the policy costs, without a busy machine's noise in wall time
+        "augment_cost": round(plain_core / augmented_core, 3),
     }
 
 
@@ -162,4 +193,8 @@ def run_data_bench(args) -> int:
         print(f"  ratio     {result['ratio']:8.2f}x per core ({result['ours_img_per_cpu_s']:.1f} vs "
               f"{result['baseline_img_per_cpu_s']:.1f} img per worker CPU-second); {result['ratio_wall']:.2f}x "
               f"in img/s (load average {result['load_average_1min']})")
+        if "augmented_img_s" in result:
+            print(f"  ours + {result['auto_augment']:<6}{result['augmented_img_s']:6.1f} img/s  "
+                  f"({result['augmented_per_worker_img_s']:.1f} per worker; plain {result['plain_img_s']:.1f}: "
+                  f"{result['augment_cost']:.2f}x the CPU time per image)")
     return 0

@@ -1,5 +1,6 @@
 """`xception export`: a deployable graph (ONNX or TorchScript) with BatchNorm folded into the convolutions,
-verified against PyTorch before it is put in place (model/deploy.py holds the writers and the check)."""
+verified against PyTorch before it is put in place (model/deploy.py holds the writers and the check). A
+checkpoint holding an EMA is exported with it unless --raw-weights."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from ..model.weights import build_model, eval_settings, read_weights
 
 
 def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
-           image_size: int | None = None, log=print) -> float:
-    """Write the graph to `out` (via a temporary file, renamed once verified). Returns the max error."""
-    loaded = read_weights(weights)
+           image_size: int | None = None, log=print, raw: bool = False) -> float:
+    """Write the graph to `out` (via a temporary file, renamed once verified). Returns the max error.
+    `raw`: the trained weights even where the checkpoint holds an EMA (default: the EMA)."""
+    loaded = read_weights(weights, ema=not raw)
+    if loaded.choice_note:
+        log(loaded.choice_note)
     model = build_model(loaded, log=log).eval()
     size, crop_pct = eval_settings(loaded.args, image_size, None, weights, log)
     if size < MIN_INPUT_SIZE:
@@ -57,5 +61,6 @@ def run(args) -> int:
         raise UserError(f"--opset must be 7 or more, got {args.opset}")
     if args.format == "torchscript" and args.dynamic_batch:
         print("note: --dynamic-batch is implied for TorchScript")
-    export(args.weights, args.format, args.out, args.dynamic_batch, args.opset, args.image_size)
+    export(args.weights, args.format, args.out, args.dynamic_batch, args.opset, args.image_size,
+           raw=args.raw_weights)
     return 0

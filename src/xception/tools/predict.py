@@ -3,7 +3,8 @@
 The eval transform is the one the weights were trained with (the checkpoint's saved image_size and
 crop_pct; an exported graph's metadata; the model's defaults for foreign weights), with the EXIF orientation
 honoured. Folders are searched recursively and batched. A file that cannot be read is reported and
-skipped. Weights may be any format `create_model` reads, or an .onnx file from `xception export`.
+skipped. Weights may be any format `create_model` reads, or an .onnx file from `xception export`; a
+checkpoint holding an EMA predicts with it unless --raw-weights (a line on stderr says which).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PredictOptions:
     image_size: int | None = None  # None: the weights' own
     crop_pct: float | None = None
     device: str = "auto"
+    raw_weights: bool = False  # the trained weights even where the checkpoint holds an EMA
 
     def check(self) -> None:
         if self.topk < 1:
@@ -106,10 +108,14 @@ def _collate(items):
 
 def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tuple:
     """(callable on normalised float batches -> logits, class names, image_size, crop_pct)."""
-    opened = open_weights(weights, opts.image_size)
+    opened = open_weights(weights, opts.image_size, raw=opts.raw_weights)
     if opened.graph is not None:
         model, num = opened.graph, opened.graph.num_outputs()
+        if opts.raw_weights:
+            log(f"note: --raw-weights does not apply to {weights}: a graph holds the weights it was exported with")
     else:
+        if opened.weights.choice_note:
+            log(opened.weights.choice_note)
         model = build_model(opened.weights, log=log).eval().to(device)
         num = model.num_classes
     size, pct = eval_settings(opened.saved, opts.image_size, opts.crop_pct, weights, log)
@@ -149,7 +155,8 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
 
 
 def run(args) -> int:
-    opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device)
+    opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device,
+                          args.raw_weights)
     out = predict(args.inputs, args.weights, opts)
     try:
         if args.json:
