@@ -170,3 +170,20 @@ def test_the_resolved_recipe_is_printed_and_saved(shared_data, tmp_path):
     assert "recipe paper:" in proc.stdout and "sched exponential" in proc.stdout and "ema False" in proc.stdout
     args = torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)["args"]
     assert args["recipe"] == "paper" and args["weight_decay"] == 1e-5 and args["epochs"] == 1
+
+
+def test_ema_runs_are_evaluated_both_ways_and_keep_the_best_epochs(shared_data, tmp_path):
+    proc = run_cli("train", "--data_path", shared_data, "--output-dir", tmp_path, *TINY, "--epochs", 3,
+                   "--ema", "--ema-decay", "0.5", "--keep-checkpoints", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(" ema_top1 ") == 3  # the epoch line shows both
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    scores = [max(float(r["top1"]), float(r["ema_top1"])) for r in rows]
+    best_epoch = 1 + max(range(3), key=lambda i: (scores[i], -i))
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-epoch*.pth.tar"))
+    assert kept == [f"checkpoint-epoch{best_epoch}.pth.tar"]
+    best = torch.load(tmp_path / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    i = best_epoch - 1
+    assert best["epoch"] == best_epoch and best["ema"] is not None and best["ema_updates"] == 9
+    assert best["best_source"] == ("ema" if float(rows[i]["ema_top1"]) > float(rows[i]["top1"]) else "model")
