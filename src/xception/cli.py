@@ -13,9 +13,8 @@ from typing import Callable
 
 from .config import EXIT_FAILED_RANK, EXIT_INTERRUPTED, Config, ShardSettings, UserError
 from .flags import (Parser, add_average_flags, add_bench_flags, add_check_flags, add_data_flags, add_demo_flags,
-                    add_eval_flags,
-                    add_export_flags, add_plot_flags, add_predict_flags, add_prepare_flags, add_recipe_flags,
-                    add_run_flags, add_train_flags)
+                    add_eval_flags, add_export_flags, add_models_flags, add_plot_flags, add_predict_flags,
+                    add_prepare_flags, add_recipe_flags, add_run_flags, add_train_flags)
 from .recipes import apply_recipe
 
 
@@ -59,6 +58,11 @@ def run_predict(args) -> int:
 def run_export(args) -> int:
     from .tools import export
     return export.run(args)
+
+
+def run_models(args) -> int:
+    from .tools import models
+    return models.run(args)
 
 
 def run_average(args) -> int:
@@ -112,6 +116,8 @@ COMMANDS = {
                       (add_export_flags,), run_export),
     "average": Command("write the mean of several checkpoints' weights and BatchNorm buffers as one checkpoint",
                        (add_average_flags,), run_average),
+    "models": Command("the Xception family: parameters, GFLOPs, published ImageNet accuracy, CPU img/s",
+                      (add_models_flags,), run_models),
     "bench": Command("time a training or inference step (ours vs timm), or the input pipeline", (add_bench_flags,),
                      run_bench),
     "check-data": Command("decode-check every image of DATA/train and DATA/val in parallel; list bad files",

@@ -22,6 +22,8 @@ CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 METRICS_NAME = "metrics.csv"
 
+# The Xception family (model/family.py builds them): the 2017 original first, the default and the seed's.
+ARCHS = ("xception", "xception41", "xception65", "xception71", "xception41p", "xception65p")
 LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (data/__init__.py)
 AUTO_AUGMENT = ("ra", "ta", "aa", "augmix")  # RandAugment, TrivialAugmentWide, AutoAugment (ImageNet), AugMix
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
@@ -88,6 +90,7 @@ class Config:
     loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali
     skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
     check_data: bool = True  # decode-check every image (not checked before) ahead of the first epoch
+    arch: Optional[str] = None  # one of ARCHS; None: the weights' own (--pretrained/--resume), else xception
     # augmentation (data/transforms.py) and batch mixing (engine/mix.py)
     auto_augment: Optional[str] = None  # one of AUTO_AUGMENT
     ra_magnitude: int = 9  # RandAugment: strength of each op (0..30)
@@ -182,7 +185,7 @@ class Config:
             return value is None or value in allowed, f"{flag} must be one of {', '.join(allowed)}, got {value!r}"
 
         return [
-            one_of("--auto-augment", self.auto_augment, AUTO_AUGMENT), one_of("--opt", self.opt, OPTIMIZERS),
+            one_of("--arch", self.arch, ARCHS), one_of("--auto-augment", self.auto_augment, AUTO_AUGMENT), one_of("--opt", self.opt, OPTIMIZERS),
             one_of("--sched", self.sched, SCHEDULES),
             within("--ra-magnitude", self.ra_magnitude, 0, 30), (self.ra_num_ops >= 1, "--ra-num-ops must be 1 or more"),
             within("--random-erase", self.random_erase, 0, 1), within("--mix-prob", self.mix_prob, 0, 1),

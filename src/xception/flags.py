@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
+from .config import (ARCHS, AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
                      OPTIMIZERS, SCHEDULES, Config, ShardSettings)
 from .recipes import RECIPES
 
@@ -80,7 +80,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-p", "--print-freq", type=_int, default=10, help="log every N iterations (default 10)")
     g.add_argument("--case-name", default=None, help="name of the seed-style ${CaseName}.log summary file; {bs} and "
                    "{np} stand for the global batch and the process count (default Xception_bs{bs}_{np}p_acc, or _eval)")
-    g.add_argument("-a", "--arch", default="xception", choices=["xception"], help=argparse.SUPPRESS)
+    g.add_argument("-a", "--arch", default=None, choices=ARCHS,
+                   help="network: xception (2017, the default), the aligned xception41/65/71, or the "
+                        "pre-activation xception41p/65p (default: the --pretrained/--resume weights' own)")
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -190,8 +192,15 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
 
 def add_predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    p.add_argument("--weights", required=True, metavar="PATH",
-                   help="our checkpoint, a timm/Cadene .pth/.safetensors, a Keras .h5, or an exported .onnx")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="our checkpoint, a timm/Cadene .pth/.safetensors, a Keras .h5, or an exported .onnx "
+                        "(or a NAME as for --pretrained)")
+    p.add_argument("--pretrained", default=None, metavar="NAME|PATH",
+                   help="another spelling of --weights that also takes published weights by name, downloaded "
+                        "once and then cached: imagenet (timm's legacy_xception.tf_in1k from the Hugging Face Hub; "
+                        "HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME apply), keras (the author's Keras .h5; cached under "
+                        "TORCH_HOME), or hf-hub:ORG/REPO[@REV] (a timm-style repo of one of our architectures); "
+                        "give --weights or --pretrained, not both")
     p.add_argument("--topk", type=_int, default=5, metavar="K", help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("-b", "--batch-size", type=_int, default=16, help="images per forward pass (default 16)")
@@ -219,6 +228,8 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["train", "infer", "data"], default="train",
                    help="train: forward+backward+SGD step; infer: forward; data: the input pipeline")
+    p.add_argument("-a", "--arch", choices=ARCHS, default="xception",
+                   help="network to time (default xception), against the same network in timm")
     p.add_argument("--image-size", type=_int, default=DEFAULT_IMAGE_SIZE)
     p.add_argument("-b", "--batch-size", type=_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -309,3 +320,12 @@ def add_average_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-weights", action="store_true",
                    help="average the trained weights even of checkpoints that hold an EMA (default: each "
                         "checkpoint's EMA where it has one, as eval would use)")
+
+
+def add_models_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--measure", action="store_true",
+                   help="also time CPU inference of each arch here (a minute or two at 299 px)")
+    p.add_argument("--image-size", type=_int, default=None, help="input size (default: each arch's own, 299)")
+    p.add_argument("-b", "--batch-size", type=_int, default=4, help="--measure: images per forward (default 4)")
+    p.add_argument("--repeats", type=_int, default=3, help="--measure: timed repeats, median reported (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")

@@ -28,7 +28,8 @@ def evaluate_weights(cfg: Config) -> dict:
     if not cfg.resume:
         raise UserError("xception eval needs the weights to evaluate: --resume PATH (or --weights PATH)")
     what = open_weights(cfg.resume, cfg.image_size, raw=cfg.raw_weights)
-    size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log())
+    arch = what.weights.arch if what.weights is not None else "xception"
+    size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log(), arch)
     run = Run(cfg.replace(image_size=size, crop_pct=crop), need_train=False, kind="eval")
     try:
         run.check_classes(what.class_names, cfg.resume)
@@ -87,7 +88,7 @@ def _model(run: Run, what: Opened) -> tuple:
         return _tta(what.graph, run), Precision("cpu"), False, "onnxruntime"
     if what.weights.choice_note:
         run.log(what.weights.choice_note)
-    net = build_model(None, len(run.classes), keras_exact=what.weights.keras_exact)
+    net = build_model(None, len(run.classes), keras_exact=what.weights.keras_exact, arch=what.weights.arch)
     load_into(net, what.weights, allow_new_head=False, log=run.log)
     model = run.place(net, frozen=True)  # the weights stay fixed in an eval run
     if run.cfg.compile:

@@ -74,11 +74,16 @@ def _setup(run: Run) -> Training:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # Files named on the command line are read on rank 0 and sent to the others: nodes need not share them.
     # A checkpoint with an EMA passes on its average, the better weights to start from (as eval uses them).
-    pretrained = on_main(ctx, read_weights, cfg.pretrained, "--pretrained", True) if cfg.pretrained else None
+    # A published name ("imagenet", "keras", "hf-hub:...") is downloaded there, or found in its cache.
+    pretrained = (on_main(ctx, read_weights, cfg.pretrained, "--pretrained", True, cfg.arch) if cfg.pretrained
+                  else None)
     if pretrained is not None and pretrained.variant == "ema":
         log(f"--pretrained {cfg.pretrained}: starting from the EMA weights it holds")
-    net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log)
     ckpt = on_main(ctx, Checkpoint.load, cfg.resume) if cfg.resume else None
+    # the network: --arch, else the weights' own, else the original Xception
+    arch = cfg.arch or (pretrained.arch if pretrained else None) or (ckpt.arch if ckpt else None) or "xception"
+    run.cfg = cfg = cfg.replace(arch=arch)
+    net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log, arch=arch)
     if ckpt is not None:
         run.check_classes(ckpt.class_names, cfg.resume)
         load_into(net, from_checkpoint(ckpt, cfg.resume), allow_new_head=False, log=log)
@@ -171,7 +176,8 @@ def _end_epoch(t: Training) -> int:
 
 def _checkpoint(t: Training, epoch: int, **extra) -> Checkpoint:
     run = t.run
-    return Checkpoint(model=t.net.state_dict(), epoch=epoch, optimizer=t.step.optimizer.state_dict(),
+    return Checkpoint(model=t.net.state_dict(), epoch=epoch, arch=run.cfg.arch,
+                      optimizer=t.step.optimizer.state_dict(),
                       scheduler=t.step.scheduler.state_dict(),
                       scaler=run.precision.scaler.state_dict() if run.precision.scaler else None,
                       best_acc1=t.best_top1, args=run.cfg.to_dict(), class_names=list(run.classes),

@@ -1,6 +1,9 @@
-"""The network (xception.py), weights in (weights.py, ports.py) and out (deploy.py)."""
+"""The networks (xception.py, aligned.py; the family's registry in family.py), weights in (weights.py,
+ports.py) and out (deploy.py)."""
 
+from .aligned import XceptionAligned
+from .family import ARCH_NAMES
 from .weights import create_model
 from .xception import Xception
 
-__all__ = ["Xception", "create_model"]
+__all__ = ["ARCH_NAMES", "Xception", "XceptionAligned", "create_model"]

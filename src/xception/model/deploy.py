@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import DEFAULT_OPSET, PIXEL_MEAN, PIXEL_STD, UserError
-from .weights import Weights, read_weights, sniff
+from .weights import Weights, locate, read_weights, sniff
 from .xception import SeparableConv2d, Xception
 
 ATOL = 1e-4
@@ -36,7 +36,8 @@ VERIFY_BATCHES = (1, 3)
 
 def metadata(model: Xception, image_size: int, crop_pct: float, class_names, source_format: str) -> dict:
     """What travels with an exported graph: enough to preprocess its input and name its outputs."""
-    return {"image_size": image_size, "crop_pct": crop_pct, "num_classes": model.num_classes,
+    return {"arch": getattr(model, "arch", "xception"), "image_size": image_size, "crop_pct": crop_pct,
+            "num_classes": model.num_classes,
             "class_names": class_names, "keras_exact": bool(model.keras_exact), "source_format": source_format,
             "mean": PIXEL_MEAN, "std": PIXEL_STD, "input": "NCHW RGB float32"}
 
@@ -48,8 +49,9 @@ def _last_conv(module: nn.Module) -> tuple:
     return None, None
 
 
-def fold_batchnorm(model: Xception) -> Xception:
-    """A copy of `model` in eval mode with every conv -> BN pair merged into one conv."""
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every conv -> BN pair merged into one conv. A pre-activation
+    net (xception41p/65p) keeps the BatchNorms that come before a ReLU and a conv: nothing to merge into."""
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         names = list(parent._modules)
@@ -66,7 +68,7 @@ def fold_batchnorm(model: Xception) -> Xception:
             setattr(owner, attr, fuse_conv_bn_eval(getattr(owner, attr), bn))
             parent._modules[name] = nn.Identity()
     left = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if left:
+    if left and not getattr(getattr(model, "spec", None), "preact", False):
         raise RuntimeError(f"BatchNorm layers not folded: {left[:3]}")
     return model
 
@@ -187,6 +189,7 @@ def open_weights(path: str, image_size: int | None = None, flag: str = "--weight
     """Any weights file, or an .onnx graph from `xception export`, for `eval` and `predict`. A graph's
     input size is fixed: another --image-size is refused. A checkpoint holding an EMA gives the EMA unless
     `raw` (--raw-weights); `weights.choice_note` says which. A graph holds the weights it was exported with."""
+    path = locate(path, flag)  # a published name: downloaded, or found in the cache
     if sniff(path, flag) != "onnx":
         weights = read_weights(path, flag, ema=not raw)
         return Opened(path, weights, None, weights.args, weights.class_names)

@@ -1,5 +1,6 @@
 """Foreign weights in our names: timm's `legacy_xception` and Cadene's `xception` state dicts (the same port,
-classifier `fc` or `last_linear`), and the author's Keras `.h5` files (`xception_weights_tf_dim_ordering_tf_
+classifier `fc` or `last_linear`), timm's aligned Xceptions (xception41/65/71, 41p/65p: named as ours but
+for the classifier), and the author's Keras `.h5` files (`xception_weights_tf_dim_ordering_tf_
 kernels[_notop].h5`) or any Keras 2/3 legacy-HDF5 save of `keras.applications.Xception`.
 
 Each translation returns (state dict with our keys, {our key: the file's name for it}); the names are for
@@ -67,6 +68,21 @@ def from_timm(state: dict, head: str) -> tuple:
             put_bn(f"{ours}.shortcut.1", f"block{b}.skipbn")
     put("fc.weight", f"{head}.weight")
     put("fc.bias", f"{head}.bias")
+    return out, origin
+
+
+def is_timm_aligned_naming(state: dict) -> bool:
+    """timm's aligned Xceptions (and ours, aligned.py, which keep timm's names): a stem and blocks."""
+    return any(k.startswith("stem.") for k in state) and any(k.startswith("blocks.") for k in state)
+
+
+def from_timm_aligned(state: dict) -> tuple:
+    """timm aligned names -> ours: only the classifier differs (timm's head.fc is our top-level fc); every
+    other tensor keeps its name. A state dict already in our names passes through unchanged."""
+    out, origin = {}, {}
+    for theirs, value in state.items():
+        ours = "fc." + theirs[len("head.fc."):] if theirs.startswith("head.fc.") else theirs
+        out[ours], origin[ours] = value, theirs
     return out, origin
 
 

@@ -1,10 +1,11 @@
 """Weights in, in one place: detect a file's format from its first bytes, read it into our names
 (`Weights`), and load it into a model with the one rule for the classifier (`load_into`).
 
-Formats: our checkpoints (or a bare state dict with our names); timm's legacy_xception and Cadene's
-xception as a torch `.pth` or a `model.safetensors` file; the author's Keras `.h5` (ports.py translates the
-foreign names). What the weights say about their own use (class names, the image size and crop they were
-trained and evaluated at, Keras numerics) travels in `Weights`, never as attributes stuck onto a module.
+Formats: our checkpoints (or a bare state dict with our names), for any arch of family.py; timm's
+legacy_xception and Cadene's xception, and timm's aligned Xceptions, as a torch `.pth` or a
+`model.safetensors` file; the author's Keras `.h5` (ports.py translates the foreign names). What the weights
+say about their own use (the arch, class names, the image size and crop they were trained and evaluated at,
+Keras numerics) travels in `Weights`, never as attributes stuck onto a module.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..checkpoint import Checkpoint, clean_state_dict, is_checkpoint, is_state_dict, load_file
-from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, UserError, check_file
+from ..config import UserError, check_file
 from . import ports
-from .xception import Xception
+from .family import ARCH_NAMES, arch_info, arch_of_state_dict, build_arch
+from .hub import resolve_pretrained
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -36,6 +39,7 @@ class Weights:
     # Our checkpoints that hold an EMA next to the trained weights: which of the two `state` is, "ema" or
     # "model". None: the file holds one set of weights, so there was nothing to choose.
     variant: str | None = None
+    arch: str = "xception"  # which net of family.ARCHS the tensors belong to
 
     @property
     def num_classes(self) -> int | None:
@@ -70,9 +74,18 @@ def sniff(path: str, flag: str = "--weights") -> str:
                     f".pth or .safetensors state dict, or a Keras .h5 file")
 
 
-def read_weights(path: str, flag: str = "--weights", ema: bool = False) -> Weights:
-    """The weights of any file we read. `ema`: where our checkpoint holds an EMA, take it (eval, predict,
-    export) rather than the trained weights (the default: a resume continues those)."""
+def locate(path: str, flag: str = "--weights", arch: str | None = None) -> str:
+    """A local file for `path`: a published name ("imagenet", "keras", "hf-hub:ORG/REPO[@REV]", see hub.py;
+    "imagenet" of `arch`) is downloaded or found in the cache; any other string is a path, as it is."""
+    resolved = resolve_pretrained(path, arch or "xception", flag)
+    return path if resolved is None else resolved[0]
+
+
+def read_weights(path: str, flag: str = "--weights", ema: bool = False, arch: str | None = None) -> Weights:
+    """The weights of any file we read, or of a published name (`locate`). `ema`: where our checkpoint holds
+    an EMA, take it (eval, predict, export) rather than the trained weights (the default: a resume
+    continues those)."""
+    path = locate(path, flag, arch)
     kind = sniff(path, flag)
     if kind == "hdf5":
         state, origin = ports.read_keras_h5(path, flag)
@@ -108,12 +121,16 @@ def from_checkpoint(ckpt: Checkpoint, source: str, ema: bool = False) -> Weights
         state, variant = ckpt.model, None
     else:
         state, variant = (ckpt.ema, "ema") if ema else (ckpt.model, "model")
+    arch = ckpt.arch
+    if (arch == "xception") != any(k.startswith("entry_flow.") for k in state):
+        # The tensors contradict the recorded arch (a writer that left it at its default): they win.
+        arch = arch_of_state_dict(state) or arch
     return Weights(dict(state), "xception", source, keras_exact=ckpt.keras_exact, origin={k: k for k in state},
-                   class_names=ckpt.class_names, args=ckpt.args, variant=variant)
+                   class_names=ckpt.class_names, args=ckpt.args, variant=variant, arch=arch)
 
 
 def from_state_dict(state: dict, source: str) -> Weights:
-    """Recognise the naming (ours, timm, Cadene) and translate."""
+    """Recognise the naming (ours, timm's legacy or aligned, Cadene's) and the arch, and translate."""
     state = clean_state_dict(state)
     if any(k.startswith(("entry_flow.", "middle_flow.", "exit_flow.")) for k in state):
         return Weights(dict(state), "xception", source, origin={k: k for k in state})
@@ -121,9 +138,18 @@ def from_state_dict(state: dict, source: str) -> Weights:
         fmt = "cadene" if any(k.startswith("last_linear.") for k in state) else "timm"
         ours, origin = ports.from_timm(state, "last_linear" if fmt == "cadene" else "fc")
         return Weights(ours, fmt, source, origin=origin)
+    if ports.is_timm_aligned_naming(state):
+        # Ours and timm's differ only in the classifier's name; a headless file counts as timm's.
+        fmt = "xception" if "fc.weight" in state else "timm"
+        ours, origin = ports.from_timm_aligned(state)
+        arch = arch_of_state_dict(ours)
+        if arch is None:
+            raise UserError(f"{source}: an aligned Xception state dict (stem.*, blocks.*) whose tensors match "
+                            f"none of {', '.join(ARCH_NAMES[1:])}; is it complete and unmodified?")
+        return Weights(ours, fmt, source, origin=origin, arch=arch)
     sample = ", ".join(sorted(state)[:3])
     raise UserError(f"{source}: tensor names ({sample}, ...) are neither ours nor timm's/Cadene's "
-                    f"legacy_xception; is this an Xception state dict?")
+                    f"(legacy_xception, xception41/65/71, 41p/65p); is this an Xception state dict?")
 
 
 def _head_rule(own: dict, state: dict, weights: Weights, allow_new_head: bool) -> str | None:
@@ -142,10 +168,14 @@ def _head_rule(own: dict, state: dict, weights: Weights, allow_new_head: bool) -
     return why
 
 
-def load_into(model: Xception, weights: Weights, allow_new_head: bool = True, log=print) -> bool:
-    """THE weight loader. Returns True when the classifier was left fresh (head swap: the file has none,
-    or one of another class count, and `allow_new_head`). Any other gap or shape mismatch is an error that
-    names the file's tensor."""
+def load_into(model: nn.Module, weights: Weights, allow_new_head: bool = True, log=print) -> bool:
+    """THE weight loader, for every arch. Returns True when the classifier was left fresh (head swap: the
+    file has none, or one of another class count, and `allow_new_head`). Weights of another arch, and any
+    other gap or shape mismatch, are an error that names the file's tensor."""
+    model_arch = getattr(model, "arch", "xception")  # aligned nets say; the original has no attribute
+    if weights.arch != model_arch:
+        raise UserError(f"{weights.source} holds {weights.arch} weights, not {model_arch}; pass --arch "
+                        f"{weights.arch} or other weights")
     own = model.state_dict()
     state = dict(weights.state)
     for key in own:  # tiny files of old ports lack these counters; they do not affect the numerics
@@ -179,13 +209,19 @@ def load_into(model: Xception, weights: Weights, allow_new_head: bool = True, lo
 
 
 def build_model(weights: Weights | None, num_classes: int | None = None, drop_rate: float = 0.0,
-                keras_exact: bool | None = None, log=print) -> Xception:
-    """Xception for `num_classes` (None: the file's, else 1000) with `weights` loaded (head swap allowed).
-    `keras_exact` None: the Keras numerics exactly when the weights ask for them."""
+                keras_exact: bool | None = None, log=print, arch: str | None = None,
+                flag: str = "--pretrained") -> nn.Module:
+    """The weights' arch (without weights: `arch`, default xception) for `num_classes` (None: the file's,
+    else 1000) with `weights` loaded (head swap allowed). An `arch` other than the weights' is refused
+    (`flag` names the weights in that message). `keras_exact` None: the Keras numerics exactly when the
+    weights ask for them (xception only)."""
     if weights is None:
-        return Xception(num_classes=num_classes or 1000, drop_rate=drop_rate, keras_exact=bool(keras_exact))
+        return build_arch(arch or "xception", num_classes or 1000, drop_rate, bool(keras_exact))
+    if arch is not None and arch != weights.arch:
+        raise UserError(f"{flag} {weights.source} holds {weights.arch} weights; pass --arch {weights.arch} "
+                        f"or other weights")
     exact = weights.keras_exact if keras_exact is None else keras_exact
-    model = Xception(num_classes=num_classes or weights.num_classes or 1000, drop_rate=drop_rate, keras_exact=exact)
+    model = build_arch(weights.arch, num_classes or weights.num_classes or 1000, drop_rate, exact)
     load_into(model, dataclasses.replace(weights, keras_exact=exact), allow_new_head=True, log=log)
     if weights.fmt != "xception" or exact:
         log(f"{weights.source}: {weights.fmt} weights imported"
@@ -193,27 +229,38 @@ def build_model(weights: Weights | None, num_classes: int | None = None, drop_ra
     return model
 
 
-def create_model(num_classes: int | None = None, weights: str | None = None, drop_rate: float = 0.0,
-                 keras_exact: bool | None = None, log=print) -> Xception:
-    """Build Xception and optionally load `weights`: one of our checkpoints, a timm/Cadene legacy_xception
-    .pth or .safetensors file, or a Keras .h5 file; the format is detected from the file.
+def create_model(arch: str | None = None, num_classes: int | None = None, weights: str | None = None,
+                 drop_rate: float = 0.0, keras_exact: bool | None = None, log=print,
+                 pretrained: str | None = None) -> nn.Module:
+    """Build `arch` (one of ARCH_NAMES; None: the weights' arch, else "xception") and optionally load
+    `weights` (or its other name `pretrained`): one of our checkpoints, a timm/Cadene legacy_xception or timm
+    aligned Xception .pth or .safetensors file, a Keras .h5 file, or a published name ("imagenet": the
+    arch's ImageNet weights, "keras", "hf-hub:ORG/REPO[@REV]"); the format and the arch are detected from the
+    file, and an `arch` other than the file's is refused.
 
     When `num_classes` differs from the file's (or the file has no classifier), everything but the
     classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
     None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
     """
-    loaded = read_weights(weights) if weights is not None else None
-    return build_model(loaded, num_classes, drop_rate, keras_exact, log)
+    if arch is not None:
+        arch_info(arch)  # an unknown name is refused before any file is read
+    weights = weights or pretrained
+    loaded = read_weights(weights, "weights", ema=True, arch=arch) if weights is not None else None
+    if loaded is not None and arch is not None and arch != loaded.arch:
+        raise UserError(f"{weights} holds {loaded.arch} weights; pass arch={loaded.arch!r} or other weights")
+    return build_model(loaded, num_classes, drop_rate, keras_exact, log, arch=arch)
 
 
 def eval_settings(saved: dict, image_size: int | None, crop_pct: float | None, source: str,
-                  log=print) -> tuple:
+                  log=print, arch: str = "xception") -> tuple:
     """(image_size, crop_pct) to evaluate with: a flag given by the user wins (with a warning when it differs
     from the weights' own), else the setting the weights were trained and evaluated at (`saved`: our
-    checkpoint's args, or an exported graph's metadata), else the model's default. Says which it used."""
+    checkpoint's args, or an exported graph's metadata), else `arch`'s default (family.ARCHS: the crop of
+    its published weights). Says which it used."""
+    info = arch_info(arch)
     chosen, said = [], []
-    for flag, given, key, default in (("--image-size", image_size, "image_size", DEFAULT_IMAGE_SIZE),
-                                      ("--crop-pct", crop_pct, "crop_pct", DEFAULT_CROP_PCT)):
+    for flag, given, key, default in (("--image-size", image_size, "image_size", info.image_size),
+                                      ("--crop-pct", crop_pct, "crop_pct", info.crop_pct)):
         own = saved.get(key)
         if given is not None:
             if own is not None and float(own) != float(given):

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import MIN_INPUT_SIZE, Config, UserError
 from ..engine.ema import Ema
 from ..engine.mix import build_mix
-from ..model import Xception
+from ..model.family import arch_info, build_arch
 from ..model.deploy import compile_frozen, fold_batchnorm
 from ..runtime import configure_kernels, resolve_device, synchronize
 from .databench import run_data_bench
@@ -135,10 +135,10 @@ def cpu_peak_gflops(threads: int):
     return threads * mhz[0] / 1000 * per_cycle
 
 
-def forward_gflop(image_size: int) -> float:
+def forward_gflop(image_size: int, arch: str = "xception") -> float:
     """GFLOP (2 per multiply-add) of one image's forward pass, counted by torch's FlopCounterMode."""
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        Xception(num_classes=1000)(torch.empty(1, 3, image_size, image_size))
+        build_arch(arch, num_classes=1000)(torch.empty(1, 3, image_size, image_size))
     return counter.get_total_flops() / 1e9
 
 
@@ -149,10 +149,11 @@ def _timm_side(args, device, train: bool, result: dict) -> None:
     except ImportError:
         result["timm_skipped"] = "timm is not installed (pip install 'xception[bench]')"
         return
-    theirs = timm.create_model("legacy_xception", pretrained=False)
+    name = arch_info(args.arch).timm_name  # the same network in timm
+    theirs = timm.create_model(name, pretrained=False)
     t = _time_model(theirs, args, device, args.timm_channels_last, train, args.timm_compile)
     result.update(timm_img_s=t["median"], timm_min=t["min"], timm_max=t["max"], ratio=result["ours_img_s"] / t["median"],
-                  timm_settings={"model": "legacy_xception", "channels_last": args.timm_channels_last,
+                  timm_settings={"model": name, "channels_last": args.timm_channels_last,
                                  "compile": args.timm_compile,
                                  "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None})
     result["timm_gflops"] = t["median"] * result["gflop_per_image"]  # the same arithmetic as ours
@@ -199,7 +200,7 @@ def run_compute_bench(args) -> int:
         torch.set_num_threads(args.threads)
     # As training sets up its device: cuDNN autotuning on CUDA (fixed shapes), unless --deterministic.
     configure_kernels(device, args.deterministic)
-    result = {"mode": args.mode, "image_size": args.image_size, "batch_size": args.batch_size,
+    result = {"mode": args.mode, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
               "dtype": args.dtype, "device": str(device), "torch_version": torch.__version__,
               "threads": torch.get_num_threads(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
     if args.sync_debug:
@@ -211,7 +212,7 @@ def run_compute_bench(args) -> int:
             _print_sync_debug(result, device)
         return 0
     torch.manual_seed(0)
-    ours = Xception(num_classes=1000)
+    ours = build_arch(args.arch, num_classes=1000)
     if not train and args.fold_bn:
         ours = fold_batchnorm(ours.eval())
     result["ours_settings"] = {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
@@ -221,7 +222,7 @@ def run_compute_bench(args) -> int:
     stats = _time_model(ours, args, device, args.channels_last, train, args.compile, profile=args.profile)
     result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
     # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
-    result["gflop_per_image"] = forward_gflop(args.image_size) * (3 if train else 1)
+    result["gflop_per_image"] = forward_gflop(args.image_size, args.arch) * (3 if train else 1)
     result["ours_gflops"] = result["ours_img_s"] * result["gflop_per_image"]
     peak = args.peak_gflops or (cpu_peak_gflops(result["threads"]) if device.type == "cpu" else None)
     if peak:

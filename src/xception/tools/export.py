@@ -23,7 +23,7 @@ def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset:
     if loaded.choice_note:
         log(loaded.choice_note)
     model = build_model(loaded, log=log).eval()
-    size, crop_pct = eval_settings(loaded.args, image_size, None, weights, log)
+    size, crop_pct = eval_settings(loaded.args, image_size, None, weights, log, loaded.arch)
     if size < MIN_INPUT_SIZE:
         raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {size}")
     folder = os.path.dirname(os.path.abspath(out))

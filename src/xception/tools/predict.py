@@ -1,10 +1,14 @@
-"""`xception predict IMAGE_OR_DIR... --weights W`: class names and probabilities for images.
+"""`xception predict IMAGE_OR_DIR... --weights W` (or `--pretrained W`): class names and probabilities for images.
 
 The eval transform is the one the weights were trained with (the checkpoint's saved image_size and
 crop_pct; an exported graph's metadata; the model's defaults for foreign weights), with the EXIF orientation
 honoured. Folders are searched recursively and batched. A file that cannot be read is reported and
 skipped. Weights may be any format `create_model` reads, or an .onnx file from `xception export`; a
-checkpoint holding an EMA predicts with it unless --raw-weights (a line on stderr says which).
+checkpoint holding an EMA predicts with it unless --raw-weights (a line on stderr says which). The weights may
+also be a name of published weights (model/hub.py): `imagenet` (timm's legacy_xception.tf_in1k from the Hugging
+Face Hub), `keras` (the author's Keras .h5) or `hf-hub:ORG/REPO[@REV]`, downloaded once into the usual caches;
+`xception predict IMAGE --pretrained imagenet` needs no checkpoint of ours. Weights of 1000 classes that carry no
+class names are labelled with the ImageNet names shipped with the package (no download).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,11 +26,10 @@ from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
 from ..model.deploy import open_weights
+from ..model.hub import imagenet_class_names, resolve_pretrained
 from ..model.weights import build_model, eval_settings
 from ..report import Progress
 from ..runtime import resolve_device
-
-IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 
 
 @dataclass
@@ -51,19 +53,11 @@ class PredictOptions:
             raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
 
 
-def imagenet_classes() -> list:
-    """The 1000 ImageNet class names in the standard index order, shipped with the package."""
-    text = resources.files("xception").joinpath(IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
-    names = [line for line in text.splitlines() if line]
-    assert len(names) == 1000, f"{IMAGENET_CLASSES_FILE} holds {len(names)} names"
-    return names
-
-
 def class_names_for(saved, num_classes: int) -> list:
     if saved and len(saved) == num_classes:
         return [str(n) for n in saved]
     if num_classes == 1000:
-        return imagenet_classes()
+        return imagenet_class_names()
     return [f"class {i}" for i in range(num_classes)]
 
 
@@ -118,11 +112,25 @@ def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tup
             log(opened.weights.choice_note)
         model = build_model(opened.weights, log=log).eval().to(device)
         num = model.num_classes
-    size, pct = eval_settings(opened.saved, opts.image_size, opts.crop_pct, weights, log)
+    arch = opened.weights.arch if opened.weights is not None else "xception"
+    size, pct = eval_settings(opened.saved, opts.image_size, opts.crop_pct, weights, log, arch)
     return model, class_names_for(opened.class_names, num), size, pct
 
 
-def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None) -> dict:
+def weights_file(weights: str, flag: str = "--weights", log=print) -> str:
+    """The local file of `weights`: a path as given, or a name of published weights downloaded (or found in
+    the cache) by model/hub.py. The file's own contents say its architecture to the loader."""
+    found = resolve_pretrained(weights, flag=flag)
+    if found is None:
+        return weights
+    log(f"{flag} {weights}: {found[0]}")
+    return found[0]
+
+
+def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None,
+            flag: str = "--weights") -> dict:
+    """`weights`: a weights file, or a name of published weights (`flag` is the option that gave it, for
+    messages). The result's "weights" is `weights` as given, "weights_file" the file read."""
     log = log or (lambda *a: print(*a, file=sys.stderr))
     opts.check()
     dev = resolve_device(opts.device)
@@ -130,7 +138,8 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
     if not paths:
         where = "; ".join(f"{p}: {why}" for p, why in problems[:3])
         raise UserError(f"nothing to predict: {where}")
-    model, names, size, pct = load_predictor(weights, dev, opts, log)
+    local = weights_file(weights, flag, log)
+    model, names, size, pct = load_predictor(local, dev, opts, log)
     k = min(opts.topk, len(names))
     loader = DataLoader(_Images(paths, pil_eval(size, pct)), batch_size=opts.batch_size, num_workers=opts.workers,
                         collate_fn=_collate)
@@ -149,7 +158,7 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
                         for p, c in zip(top.values[row].tolist(), top.indices[row].tolist())]}
             progress.update(step, images=min(step * opts.batch_size, len(paths)))
     progress.close()
-    return {"weights": weights, "image_size": size, "crop_pct": pct,
+    return {"weights": weights, "weights_file": local, "image_size": size, "crop_pct": pct,
             "predictions": [r for r in results if r is not None],
             "errors": [{"path": p, "error": why} for p, why in problems]}
 
@@ -157,7 +166,11 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
 def run(args) -> int:
     opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device,
                           args.raw_weights)
-    out = predict(args.inputs, args.weights, opts)
+    if (args.weights is None) == (args.pretrained is None):
+        raise UserError("give the weights once: --weights PATH or --pretrained NAME|PATH (NAME: imagenet, keras, "
+                        f"hf-hub:ORG/REPO[@REV]){', not both' if args.weights else ''}")
+    flag, weights = ("--weights", args.weights) if args.weights is not None else ("--pretrained", args.pretrained)
+    out = predict(args.inputs, weights, opts, flag=flag)
     try:
         if args.json:
             print(json.dumps(out, indent=1))
