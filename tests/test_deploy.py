@@ -120,9 +120,15 @@ def test_export_onnx_verifies_and_evaluates_like_pytorch(trained_run, tmp_path):
     data, out, _ = trained_run
     ckpt = out / "checkpoint.pth.tar"
     onnx_path = tmp_path / "xception.onnx"
-    proc = run_cli("export", "--weights", ckpt, "--format", "onnx", "--out", onnx_path, "--dynamic-batch")
+    proc = run_cli("export", "--weights", ckpt, "--format", "onnx", "--out", onnx_path)  # any batch, by default
     assert proc.returncode == 0, proc.stderr
     assert "max |difference|" in proc.stdout and onnx_path.stat().st_size > 1_000_000
+    assert "at batch 1 and 3" in proc.stdout and "input Nx3x71x71" in proc.stdout
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 32):  # the plain onnxruntime session a user writes, at two batch sizes
+        x = np.random.default_rng(batch).uniform(-1, 1, (batch, 3, 71, 71)).astype(np.float32)
+        assert session.run(None, {"input": x})[0].shape == (batch, 3)
     assert own_settings(ckpt) in proc.stdout.splitlines()  # the graph's metadata: 71 px, crop 1
     ev = {}
     for name, weights in (("torch", ckpt), ("onnx", onnx_path)):  # size and crop: the weights' own
@@ -183,3 +189,19 @@ def test_bad_pretrained_and_export_inputs_give_one_line(tiny_data, tmp_path):
     line = one_line_error(run_cli("export", "--weights", tmp_path / "none.pth", "--format", "onnx",
                                   "--out", tmp_path / "x.onnx"))
     assert "no such file" in line and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_static_batch_export_fixes_the_batch_and_still_serves_any_count(trained_run, tmp_path):
+    data, out, _ = trained_run
+    onnx_path = tmp_path / "static.onnx"
+    proc = run_cli("export", "--weights", out / "checkpoint.pth.tar", "--format", "onnx", "--out", onnx_path,
+                   "--static-batch", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "at batch 2:" in proc.stdout and "input 2x3x71x71" in proc.stdout
+    from xception.model.deploy import OnnxModel
+    graph = OnnxModel(str(onnx_path))
+    assert graph.fixed_batch == 2
+    assert graph(torch.zeros(3, 3, 71, 71)).shape == (3, 3)  # chunks of 2, the last one padded
+    bad = run_cli("export", "--weights", out / "checkpoint.pth.tar", "--format", "torchscript", "--out",
+                  tmp_path / "t.pt", "--static-batch", 2)
+    assert bad.returncode == 2 and "--static-batch" in one_line_error(bad)

@@ -216,8 +216,11 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
                    help="weights to export: our checkpoint, or a timm/Cadene/Keras weights file")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="graph format")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the graph")
+    p.add_argument("--static-batch", type=_int, default=None, metavar="N",
+                   help="ONNX: fix the batch dimension at N, for runtimes that want fixed shapes (default: any "
+                        "batch size, as TorchScript too)")
     p.add_argument("--dynamic-batch", action="store_true",
-                   help="ONNX: the batch dimension is dynamic (default: fixed at 1); TorchScript always is")
+                   help="accepted for older scripts: the batch is dynamic by default now")
     p.add_argument("--opset", type=_int, default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset version (default {DEFAULT_OPSET})")
     p.add_argument("--image-size", type=_int, default=None, metavar="N",

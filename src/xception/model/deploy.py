@@ -110,12 +110,12 @@ def write_torchscript(model, example, path: str, meta: dict) -> None:
         torch.jit.save(traced, path, _extra_files={META_KEY: json.dumps(meta)})
 
 
-def verify(model, path: str, fmt: str, size: int) -> tuple:
-    """Max |exported - PyTorch| over random inputs at batch 1 and 3, and the largest reference logit."""
+def verify(model, path: str, fmt: str, size: int, batches=VERIFY_BATCHES) -> tuple:
+    """Max |exported - PyTorch| over random inputs at each of `batches`, and the largest reference logit."""
     runner = OnnxModel(path) if fmt == "onnx" else load_torchscript(path)[0]
     gen = torch.Generator().manual_seed(0)
     error = scale = 0.0
-    for batch in VERIFY_BATCHES:
+    for batch in batches:
         x = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
         with torch.no_grad():
             ref = model(x)
@@ -159,10 +159,12 @@ class OnnxModel:
 
     def __call__(self, x):
         array = x.detach().float().cpu().contiguous().numpy()
-        if self.fixed_batch and array.shape[0] != self.fixed_batch:
-            parts = [self.session.run(None, {self.input_name: array[i:i + self.fixed_batch]})[0]
-                     for i in range(0, array.shape[0], self.fixed_batch)]
-            out = np.concatenate(parts)
+        n, fixed = array.shape[0], self.fixed_batch
+        if fixed and n != fixed:  # a --static-batch graph: run it in chunks, the last padded with zeros
+            padded = np.concatenate([array, np.zeros((-n % fixed, *array.shape[1:]), array.dtype)])
+            parts = [self.session.run(None, {self.input_name: padded[i:i + fixed]})[0]
+                     for i in range(0, len(padded), fixed)]
+            out = np.concatenate(parts)[:n]
         else:
             out = self.session.run(None, {self.input_name: array})[0]
         return torch.from_numpy(out).to(x.device)

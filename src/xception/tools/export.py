@@ -15,9 +15,10 @@ from ..model.deploy import (ATOL, RTOL, VERIFY_BATCHES, fold_batchnorm, metadata
 from ..model.weights import build_model, eval_settings, read_weights
 
 
-def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
+def export(weights: str, fmt: str, out: str, static_batch: int | None = None, opset: int = DEFAULT_OPSET,
            image_size: int | None = None, log=print, raw: bool = False) -> float:
     """Write the graph to `out` (via a temporary file, renamed once verified). Returns the max error.
+    ONNX takes any batch size unless `static_batch` fixes it (for runtimes that want fixed shapes).
     `raw`: the trained weights even where the checkpoint holds an EMA (default: the EMA)."""
     loaded = read_weights(weights, ema=not raw)
     if loaded.choice_note:
@@ -32,15 +33,16 @@ def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset:
     meta = metadata(model, size, crop_pct, loaded.class_names, loaded.fmt)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(out)}")
     try:
-        example = torch.zeros(1, 3, size, size)
+        example = torch.zeros(static_batch or 1, 3, size, size)
         folded = fold_batchnorm(model)
         if fmt == "onnx":
-            write_onnx(folded, example, tmp, dynamic_batch, opset, meta)
+            write_onnx(folded, example, tmp, static_batch is None, opset, meta)
         else:
             write_torchscript(folded, example, tmp, meta)
-        error, scale = verify(model, tmp, fmt, size)
+        batches = (static_batch,) if static_batch else VERIFY_BATCHES  # in onnxruntime, each size as it is
+        error, scale = verify(model, tmp, fmt, size, batches)
         limit = ATOL + RTOL * scale
-        log(f"verified {fmt} against PyTorch on random inputs at batch {' and '.join(map(str, VERIFY_BATCHES))}: "
+        log(f"verified {fmt} against PyTorch on random inputs at batch {' and '.join(map(str, batches))}: "
             f"max |difference| {error:.3g} (tolerance {limit:.3g} = {ATOL:g} + {RTOL:g} x max|logit| {scale:.3g})")
         if not error <= limit:
             raise UserError(f"export to {fmt} FAILED verification: max logit difference {error:.3g} exceeds "
@@ -51,7 +53,7 @@ def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log(f"wrote {out} ({fmt}, BatchNorm folded, input {'N' if fmt == 'torchscript' or dynamic_batch else 1}x3x"
+    log(f"wrote {out} ({fmt}, BatchNorm folded, input {static_batch or 'N'}x3x"
         f"{size}x{size} in [-1, 1], {model.num_classes} classes)")
     return error
 
@@ -59,8 +61,8 @@ def export(weights: str, fmt: str, out: str, dynamic_batch: bool = False, opset:
 def run(args) -> int:
     if args.opset < 7:
         raise UserError(f"--opset must be 7 or more, got {args.opset}")
-    if args.format == "torchscript" and args.dynamic_batch:
-        print("note: --dynamic-batch is implied for TorchScript")
-    export(args.weights, args.format, args.out, args.dynamic_batch, args.opset, args.image_size,
+    if args.static_batch is not None and (args.static_batch < 1 or args.format != "onnx"):
+        raise UserError(f"--static-batch {args.static_batch}: a positive batch size, for --format onnx only")
+    export(args.weights, args.format, args.out, args.static_batch, args.opset, args.image_size,
            raw=args.raw_weights)
     return 0
