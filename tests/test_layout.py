@@ -20,7 +20,7 @@ FLOORS = {"config": 0, "files": 1, "runtime": 1, "recipes": 1, "checkpoint": 2, 
           "report": 4, "engine": 5, "tools": 6, "flags": 7, "cli": 8, "__main__": 9, "__init__": 10}
 # Inside a room, a module may import only modules listed before it.
 ROOMS = {
-    "model": ["xception", "aligned", "hub", "family", "ports", "weights", "deploy", "__init__"],
+    "model": ["xception", "aligned", "hub", "family", "backbone", "ports", "weights", "deploy", "__init__"],
     "data": ["folder", "transforms", "check", "loaders", "shards", "dali", "__init__"],
     "engine": ["precision", "optim", "mix", "loop", "ema", "hooks", "setup", "train", "evaluate", "__init__"],
     "tools": ["__init__", "databench", "syncdebug", "bench", "demo", "export", "predict", "prepare", "average",

@@ -137,6 +137,8 @@ class Config:
     # after a 58 s compile) and frozen inference 15% faster after 13 s of compiling, which pays off only
     # past ~600 images (docs/performance.md); not measured on a GPU yet (benchmarks/gpu.sh does).
     compile: bool = False
+    # recompute the blocks' activations in backward instead of keeping them (less memory, more time per step)
+    grad_checkpointing: bool = False
     # run
     device: str = "auto"
     dist_backend: Optional[str] = None

@@ -75,7 +75,11 @@ class Run:
 
     def place(self, model: nn.Module, frozen: bool = False) -> nn.Module:
         """Move to the device and layout; with --sync-bn convert BatchNorm (in place, for `model`'s owner to
-        see); wrap for data parallelism; with --compile, compile (`frozen`: weights fixed, for inference)."""
+        see); wrap for data parallelism; with --compile, compile (`frozen`: weights fixed, for inference).
+        With --grad-checkpointing, a trained model recomputes its blocks' activations in backward; set on the
+        network itself, before any wrapper hides its method."""
+        if self.cfg.grad_checkpointing and not frozen:
+            model.set_grad_checkpointing(True)
         model = model.to(self.ctx.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

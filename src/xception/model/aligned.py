@@ -24,6 +24,9 @@ in weights.py and the head-only fine-tuning in the engine look for those top-lev
 
 BatchNorm layers are plain nn.BatchNorm2d and every ReLU is applied by the module that owns the BN, so
 that the sync-BN conversion (which swaps nn.BatchNorm2d for its own class) never drops an activation.
+
+As backbones and under gradient checkpointing they offer what the original offers (xception.py's
+docstring: feature_chain, feature_info, set_output_stride, set_grad_checkpointing), with the same helpers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .xception import OUTPUT_STRIDES, dilate_depthwise, restride, run_unit
 
 MIDDLE_CHANNELS = 728
 
@@ -123,6 +128,18 @@ class Block(nn.Module):
             return out
         return out + (x if self.shortcut is None else self.shortcut(x))
 
+    def set_stride(self, stride: int, dilation: int) -> None:
+        set_block_stride(self, self.shortcut.conv if self.shortcut is not None else None, stride, dilation)
+
+
+def set_block_stride(block: nn.Module, shortcut, stride: int, dilation: int) -> None:
+    """A block's stride (carried by its third depthwise conv and its 1x1 shortcut) and the dilation of its
+    three depthwise convs: the rate its input runs at (a dilated backbone, XceptionAligned.set_output_stride)."""
+    dilate_depthwise(block.stack, dilation)
+    restride(block.stack.conv3.conv_dw, stride, dilation)
+    if shortcut is not None:
+        restride(shortcut, stride, 1)
+
 
 class PreSeparable(nn.Module):
     """Pre-activation separable conv: [BN -> ReLU ->] depthwise -> pointwise, nothing in between. The
@@ -167,6 +184,9 @@ class PreBlock(nn.Module):
             return out
         return out + (x if self.shortcut is None else self.shortcut(x))
 
+    def set_stride(self, stride: int, dilation: int) -> None:
+        set_block_stride(self, self.shortcut, stride, dilation)
+
 
 class XceptionAligned(nn.Module):
     """An aligned Xception after `spec`, for `num_classes` classes; input scaled to [-1, 1], any size
@@ -182,6 +202,7 @@ class XceptionAligned(nn.Module):
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.spec, self.arch = spec, spec.name
         self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.output_stride, self.grad_checkpointing, self.min_input_size = 32, False, 1
         eps = spec.bn_eps
         # The pre-activation stem leaves its second conv bare: the first block's own BN+ReLU follows it.
         second = (nn.Conv2d(32, 64, 3, padding=1, bias=False) if spec.preact else conv_bn_relu(32, 64, 1, eps))
@@ -221,6 +242,10 @@ class XceptionAligned(nn.Module):
         """The final feature map, before pooling: (N, 2048, ceil(H/32), ceil(W/32))."""
         if x.dim() != 4:
             raise ValueError(f"{self.arch} needs an input of shape (N, C, H, W), got {tuple(x.shape)}")
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for _, unit, checkpointed in self.feature_chain():
+                x = run_unit(unit, x, checkpointed)
+            return x
         return self.act(self.blocks(self.stem(x)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -228,6 +253,46 @@ class XceptionAligned(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def feature_chain(self) -> list:
+        """The body as one chain of (name, unit, checkpointed): applied in order, the units compute
+        forward_features. Gradient checkpointing recomputes every unit (`checkpointed`) but the final ReLU:
+        the stem at half resolution holds much of the activations, the blocks the rest."""
+        return ([(f"stem.{i}", m, True) for i, m in enumerate(self.stem)]
+                + [(f"blocks.{i}", m, True) for i, m in enumerate(self.blocks)] + [("act", self.act, False)])
+
+    @property
+    def feature_info(self) -> list:
+        """For strides 2, 4, 8, 16, 32: the unit whose output is the deepest map at that stride (the stem,
+        then the last block at each stride; the last one is forward_features, after the final ReLU of the
+        pre-activation nets), its channels, and its reduction, capped by the output stride. A map is
+        ceil(input / reduction) pixels on a side."""
+        last, stride = {2: ("stem.1", 64)}, 2  # stride -> (the last unit at it, its channels)
+        for i, (_, widths, block_stride, _) in enumerate(self.spec.blocks()):
+            stride *= block_stride
+            last[stride] = (f"blocks.{i}", widths[-1])
+        last[32] = ("act", self.num_features)
+        taps = [(*last[r], r) for r in (2, 4, 8, 16, 32)]
+        return [{"module": m, "num_chs": c, "reduction": min(r, self.output_stride)} for m, c, r in taps]
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Stop down-sampling at `output_stride` (8, 16 or 32) and dilate what follows instead (DeepLab's
+        atrous convolution): a block whose stride would pass it runs at stride 1, and every later depthwise
+        3x3 is dilated by the stride given up, so it sees what it saw before. Same weights; on every
+        (32 / output_stride)-th position of the denser final map the values are the stride-32 network's."""
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        stride, dilation = 2, 1  # after the stem's stride-2 convolution, which always stays
+        for block, (_, _, block_stride, _) in zip(self.blocks, self.spec.blocks()):
+            keep = stride * block_stride <= output_stride
+            # A block that gives its stride up still runs at its input's rate; the blocks after it, at twice that.
+            block.set_stride(block_stride if keep else 1, dilation)
+            stride, dilation = (stride * block_stride, dilation) if keep else (stride, dilation * block_stride)
+        self.output_stride = output_stride
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the stem's and the blocks' activations in backward instead of keeping them (training only)."""
+        self.grad_checkpointing = enable
 
 
 # The published aligned Xceptions, as timm defines them. Xception-71's entry flow alternates a

@@ -20,6 +20,7 @@ from torch import nn
 from ..checkpoint import Checkpoint, clean_state_dict, is_checkpoint, is_state_dict, load_file
 from ..config import UserError, check_file
 from . import ports
+from .backbone import Backbone, check_backbone_args
 from .family import ARCH_NAMES, arch_info, arch_of_state_dict, build_arch
 from .hub import resolve_pretrained
 
@@ -231,7 +232,8 @@ def build_model(weights: Weights | None, num_classes: int | None = None, drop_ra
 
 def create_model(arch: str | None = None, num_classes: int | None = None, weights: str | None = None,
                  drop_rate: float = 0.0, keras_exact: bool | None = None, log=print,
-                 pretrained: str | None = None) -> nn.Module:
+                 pretrained: str | None = None, features_only: bool = False, out_indices=None,
+                 output_stride: int = 32) -> nn.Module:
     """Build `arch` (one of ARCH_NAMES; None: the weights' arch, else "xception") and optionally load
     `weights` (or its other name `pretrained`): one of our checkpoints, a timm/Cadene legacy_xception or timm
     aligned Xception .pth or .safetensors file, a Keras .h5 file, or a published name ("imagenet": the
@@ -241,14 +243,23 @@ def create_model(arch: str | None = None, num_classes: int | None = None, weight
     When `num_classes` differs from the file's (or the file has no classifier), everything but the
     classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
     None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
+
+    `features_only`: a `Backbone` (backbone.py) instead, returning the feature maps of `out_indices` (default
+    all: strides 2, 4, 8, 16, 32) with the classifier dropped after loading; `output_stride` 16 or 8 dilates
+    its last stages instead of striding (backbone only: a classifier keeps 32).
     """
     if arch is not None:
         arch_info(arch)  # an unknown name is refused before any file is read
+    indices = check_backbone_args(out_indices, output_stride)
+    if not features_only and (output_stride != 32 or out_indices is not None):
+        raise UserError(f"output_stride and out_indices are for a backbone: pass features_only=True "
+                        f"(a classifier has output stride 32)")
     weights = weights or pretrained
     loaded = read_weights(weights, "weights", ema=True, arch=arch) if weights is not None else None
     if loaded is not None and arch is not None and arch != loaded.arch:
         raise UserError(f"{weights} holds {loaded.arch} weights; pass arch={loaded.arch!r} or other weights")
-    return build_model(loaded, num_classes, drop_rate, keras_exact, log, arch=arch)
+    model = build_model(loaded, num_classes, drop_rate, keras_exact, log, arch=arch)
+    return Backbone(model, indices, output_stride) if features_only else model
 
 
 def eval_settings(saved: dict, image_size: int | None, crop_pct: float | None, source: str,

@@ -1,10 +1,12 @@
 """`xception bench`: time our training or inference step against timm's legacy_xception in one process
-(--mode train|infer), or the input pipeline (--mode data, databench.py); or, with --sync-debug, count the
-host reads and CUDA syncs of our real training loop per step (syncdebug.py)."""
+(--mode train|infer), with each side's peak memory (CUDA max allocated, or the process's peak RSS on CPU;
+--grad-checkpointing to compare), or the input pipeline (--mode data, databench.py); or, with --sync-debug,
+count the host reads and CUDA syncs of our real training loop per step (syncdebug.py)."""
 
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import sys
 import time
@@ -42,16 +44,52 @@ def _check_sync_debug(args) -> None:
     if args.mode != "train":
         raise UserError(f"--sync-debug counts the syncs of the training loop: use it with --mode train, "
                         f"not --mode {args.mode}")
-    for flag, on in (("--compile", args.compile), ("--profile", args.profile)):
+    for flag, on in (("--compile", args.compile), ("--profile", args.profile),
+                     ("--grad-checkpointing", args.grad_checkpointing)):
         if on:
             raise UserError(f"--sync-debug runs the eager training loop without timing it: drop {flag}")
 
 
+PEAK_MEMORY_KINDS = {"cuda_max_allocated": "CUDA max allocated (tensors, not the allocator's cache)",
+                     "cpu_peak_rss": "peak RSS of the process (interpreter and libraries included), per side"}
+
+
+def _reset_peak_memory(device) -> None:
+    """Start a new peak-memory measurement (see _peak_memory_mib)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:  # Linux: "5" sets the process's RSS high-water mark back to its current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # elsewhere the peak only grows: compare runs of separate processes
+
+
+def _peak_memory_mib(device):
+    """(MiB, kind) of the peak since _reset_peak_memory: on CUDA the caching allocator's maximum of allocated
+    memory (`cuda_max_allocated`: tensors only, not its cache); on CPU the process's peak resident set
+    (`cpu_peak_rss`: everything, the interpreter and libraries included), from /proc's VmHWM, which the reset
+    clears, else getrusage's ru_maxrss (KiB on Linux), which only grows. (None, None) on other devices."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
+    if device.type != "cpu":
+        return None, None
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024, "cpu_peak_rss"
+
+
 def _time_model(model, args, device, channels_last: bool, train: bool, compile: bool = False,
                 profile: bool = False) -> dict:
-    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps.
+    """Median/min/max img/s over `repeats` timed runs of `steps` steps, after `warmup` untimed steps, and the
+    peak memory of all of them (`peak_mem_mib`, from the model's placement on; see _peak_memory_mib).
     With `compile`, the first step compiles; its time less one ordinary step is `compile_seconds`.
     With `profile`, two more steps run under torch.profiler and `profile` holds its table."""
+    _reset_peak_memory(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
@@ -92,6 +130,7 @@ def _time_model(model, args, device, channels_last: bool, train: bool, compile: 
         synchronize(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
     out = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    out["peak_mem_mib"], out["peak_mem_kind"] = _peak_memory_mib(device)  # before profiling adds its own
     if profile:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -151,14 +190,30 @@ def _timm_side(args, device, train: bool, result: dict) -> None:
         return
     name = arch_info(args.arch).timm_name  # the same network in timm
     theirs = timm.create_model(name, pretrained=False)
+    checkpointing = train and args.grad_checkpointing and _timm_checkpointing(theirs)
     t = _time_model(theirs, args, device, args.timm_channels_last, train, args.timm_compile)
     result.update(timm_img_s=t["median"], timm_min=t["min"], timm_max=t["max"], ratio=result["ours_img_s"] / t["median"],
+                  timm_peak_mem_mib=t["peak_mem_mib"],
                   timm_settings={"model": name, "channels_last": args.timm_channels_last,
-                                 "compile": args.timm_compile,
+                                 "compile": args.timm_compile, "grad_checkpointing": checkpointing,
                                  "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None})
     result["timm_gflops"] = t["median"] * result["gflop_per_image"]  # the same arithmetic as ours
     if "compile_seconds" in t:
         result["timm_compile_seconds"] = t["compile_seconds"]
+
+
+def _timm_checkpointing(model) -> bool:
+    """Turn on timm's gradient checkpointing; False where the model has none (legacy_xception refuses it)."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError):
+        return False
+    return True
+
+
+def _memory(result: dict, side: str) -> str:
+    mib = result.get(f"{side}_peak_mem_mib")
+    return "" if mib is None else f", peak {mib:.0f} MiB"
 
 
 def _print_table(result: dict, device) -> None:
@@ -167,12 +222,15 @@ def _print_table(result: dict, device) -> None:
     print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f}), "
           f"{result['ours_gflops']:.1f} GFLOP/s at {result['gflop_per_image']:.2f} GFLOP/image"
           + (f", {100 * result['ours_fraction_of_peak']:.0f}% of a {result['peak_gflops']:.0f} GFLOP/s peak"
-             if "peak_gflops" in result else ""))
+             if "peak_gflops" in result else "") + _memory(result, "ours"))
     if "timm_img_s" in result:
-        print(f"  timm : {result['timm_img_s']:8.2f} img/s (min {result['timm_min']:.2f}, max {result['timm_max']:.2f})")
+        print(f"  timm : {result['timm_img_s']:8.2f} img/s (min {result['timm_min']:.2f}, max {result['timm_max']:.2f})"
+              + _memory(result, "timm"))
         print(f"  ratio: {result['ratio']:.3f}")
     else:
         print(f"  timm : skipped, {result['timm_skipped']}")
+    if result.get("peak_mem_kind"):
+        print(f"  peak memory: {PEAK_MEMORY_KINDS[result['peak_mem_kind']]}")
     if "ema_cost_pct" in result:
         print(f"  EMA update: {result['ema_update_ms']:.1f} ms, {result['ema_cost_pct']:.2f}% of our step")
     for side in ("ours", "timm"):
@@ -215,12 +273,14 @@ def run_compute_bench(args) -> int:
     ours = build_arch(args.arch, num_classes=1000)
     if not train and args.fold_bn:
         ours = fold_batchnorm(ours.eval())
+    ours.set_grad_checkpointing(train and args.grad_checkpointing)
     result["ours_settings"] = {"channels_last": args.channels_last, "fold_bn": (not train) and args.fold_bn,
-                               "compile": args.compile,
+                               "compile": args.compile, "grad_checkpointing": train and args.grad_checkpointing,
                                "optimizer": f"SGD momentum {args.optimizer_impl}" if train else None,
                                "mixup": args.mixup, "cutmix": args.cutmix, "ema": train and args.ema}
     stats = _time_model(ours, args, device, args.channels_last, train, args.compile, profile=args.profile)
-    result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"])
+    result.update(ours_img_s=stats["median"], ours_min=stats["min"], ours_max=stats["max"],
+                  ours_peak_mem_mib=stats["peak_mem_mib"], peak_mem_kind=stats["peak_mem_kind"])
     # A training step costs ~3 forward passes (forward, backward to activations, backward to weights).
     result["gflop_per_image"] = forward_gflop(args.image_size, args.arch) * (3 if train else 1)
     result["ours_gflops"] = result["ours_img_s"] * result["gflop_per_image"]
