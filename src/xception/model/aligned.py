@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .xception import OUTPUT_STRIDES, dilate_depthwise, restride, run_unit
+from .xception import OUTPUT_STRIDES, Network, dilate_depthwise, restride
 
 MIDDLE_CHANNELS = 728
 
@@ -188,7 +188,7 @@ class PreBlock(nn.Module):
         set_block_stride(self, self.shortcut, stride, dilation)
 
 
-class XceptionAligned(nn.Module):
+class XceptionAligned(Network):
     """An aligned Xception after `spec`, for `num_classes` classes; input scaled to [-1, 1], any size
     (every strided layer pads, so a map never vanishes; from 32 px down the final map is 1x1)."""
 
@@ -238,21 +238,13 @@ class XceptionAligned(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The final feature map, before pooling: (N, 2048, ceil(H/32), ceil(W/32))."""
+    def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"{self.arch} needs an input of shape (N, C, H, W), got {tuple(x.shape)}")
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for _, unit, checkpointed in self.feature_chain():
-                x = run_unit(unit, x, checkpointed)
-            return x
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2048, ceil(H/32), ceil(W/32)): the final feature map, before pooling."""
         return self.act(self.blocks(self.stem(x)))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(self.global_pool(features), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def feature_chain(self) -> list:
         """The body as one chain of (name, unit, checkpointed): applied in order, the units compute
@@ -289,10 +281,6 @@ class XceptionAligned(nn.Module):
             block.set_stride(block_stride if keep else 1, dilation)
             stride, dilation = (stride * block_stride, dilation) if keep else (stride, dilation * block_stride)
         self.output_stride = output_stride
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the stem's and the blocks' activations in backward instead of keeping them (training only)."""
-        self.grad_checkpointing = enable
 
 
 # The published aligned Xceptions, as timm defines them. Xception-71's entry flow alternates a

@@ -206,7 +206,44 @@ def sep_bn_relu(in_channels: int, out_channels: int, bn_eps: float) -> nn.Sequen
     )
 
 
-class Xception(nn.Module):
+class Network(nn.Module):
+    """What every network of the family shares around its own body (`body`, `check_input`,
+    `feature_chain`): the head (global pool, dropout, a top-level `fc`: the names the weight loader and the
+    head-only freezing rely on) and gradient checkpointing over the chain of body units."""
+
+    grad_checkpointing = False
+
+    def check_input(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_chain(self) -> list:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map, before pooling."""
+        self.check_input(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for _, unit, checkpointed in self.feature_chain():
+                x = run_unit(unit, x, checkpointed)
+            return x
+        return self.body(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.global_pool(features), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the checkpointed units' activations (feature_chain) in backward instead of keeping them
+        (training only): much less memory for some more time per step."""
+        self.grad_checkpointing = enable
+
+
+class Xception(Network):
     """Xception for ``num_classes`` classes; input at least 71x71, scaled to [-1, 1]."""
 
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, in_chans: int = 3,
@@ -257,21 +294,13 @@ class Xception(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(f"Xception needs an input of shape (N, C, H, W) with H and W at least "
                              f"{MIN_INPUT_SIZE}, got {tuple(x.shape)}")
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for _, unit, checkpointed in self.feature_chain():
-                x = run_unit(unit, x, checkpointed)
-            return x
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.exit_flow(self.middle_flow(self.entry_flow(x)))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(self.global_pool(features), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def set_keras_exact(self, exact: bool) -> None:
         """Switch the numerics in place (BatchNorm eps, max-pool padding); no weight changes."""
@@ -321,8 +350,3 @@ class Xception(nn.Module):
             else:
                 dilate_depthwise(unit, dilation)
         self.output_stride = output_stride
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the checkpointed units' activations (feature_chain) in backward instead of keeping them
-        (training only): much less memory for some more time per step."""
-        self.grad_checkpointing = enable

@@ -26,8 +26,8 @@ from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
 from ..model.deploy import open_weights
-from ..model.hub import imagenet_class_names, resolve_pretrained
-from ..model.weights import build_model, eval_settings
+from ..model.hub import imagenet_class_names
+from ..model.weights import build_model, eval_settings, locate
 from ..report import Progress
 from ..runtime import resolve_device
 
@@ -120,11 +120,10 @@ def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tup
 def weights_file(weights: str, flag: str = "--weights", log=print) -> str:
     """The local file of `weights`: a path as given, or a name of published weights downloaded (or found in
     the cache) by model/hub.py. The file's own contents say its architecture to the loader."""
-    found = resolve_pretrained(weights, flag=flag)
-    if found is None:
-        return weights
-    log(f"{flag} {weights}: {found[0]}")
-    return found[0]
+    local = locate(weights, flag)
+    if local != weights:
+        log(f"{flag} {weights}: {local}")
+    return local
 
 
 def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None,
