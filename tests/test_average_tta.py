@@ -1,7 +1,9 @@
 """Weight averaging (`xception average`), the EMA weights downstream (eval, predict and export take a
-checkpoint's EMA unless --raw-weights) and `--tta flip`. Checkpoints are built here from a real Xception
+weights that the checkpoint's run ranked higher, its `best_source`, unless --raw-weights or --ema-weights) and
+`--tta flip`. Checkpoints are built here from a real Xception
 state dict, so nothing needs training."""
 
+import dataclasses
 import json
 
 import pytest
@@ -64,21 +66,29 @@ def test_average_of_one_is_the_input_bitwise(tmp_path):
     assert got.model.keys() == a.keys()
     assert all(torch.equal(got.model[k], v) and got.model[k].dtype == v.dtype for k, v in a.items())
     assert got.epoch == 7
-    w = read_weights(str(out), ema=True)  # loadable by eval/predict/export as a plain checkpoint
+    w = read_weights(str(out), choice="best")  # loadable by eval/predict/export as a plain checkpoint
     assert w.variant is None and w.choice_note is None
 
 
-def test_average_takes_each_inputs_ema_unless_raw_weights(tmp_path):
+def test_average_takes_each_inputs_best_weights_unless_told(tmp_path):
     a, b = state_of(1), state_of(2)
-    a_path = save(tmp_path / "a", a, ema=b)  # its EMA is b's weights: the average of a's EMA and b is b
+    mean_ab = ((a["fc.weight"].double() + b["fc.weight"].double()) / 2).float()
+    # its EMA is b's weights and scored best: the average of a's EMA and b is b
+    a_path = save(tmp_path / "a", a, ema=b, best_source="ema")
     lines = []
     average.average([a_path, save(tmp_path / "b", b)], str(tmp_path / "ema"), log=lines.append)
-    assert any(f"using the EMA weights of {a_path}" in line for line in lines)
+    assert any(f"using the EMA weights of {a_path}: they scored higher" in line for line in lines)
     got = Checkpoint.load(str(tmp_path / "ema")).model
     assert torch.equal(got["fc.weight"], b["fc.weight"])
-    average.average([a_path, save(tmp_path / "b2", b)], str(tmp_path / "raw"), raw=True, log=quiet)
+    average.average([a_path, save(tmp_path / "b2", b)], str(tmp_path / "raw"), choice="model", log=quiet)
     raw = Checkpoint.load(str(tmp_path / "raw")).model
-    assert torch.equal(raw["fc.weight"], ((a["fc.weight"].double() + b["fc.weight"].double()) / 2).float())
+    assert torch.equal(raw["fc.weight"], mean_ab)
+    # a run whose trained weights scored best: those by default, the EMA when asked
+    m_path = save(tmp_path / "m", a, ema=b, best_source="model")
+    average.average([m_path, save(tmp_path / "b3", b)], str(tmp_path / "best"), log=quiet)
+    assert torch.equal(Checkpoint.load(str(tmp_path / "best")).model["fc.weight"], mean_ab)
+    average.average([m_path, save(tmp_path / "b4", b)], str(tmp_path / "forced"), choice="ema", log=quiet)
+    assert torch.equal(Checkpoint.load(str(tmp_path / "forced")).model["fc.weight"], b["fc.weight"])
 
 
 def test_average_refuses_other_networks_and_missing_files(tmp_path):
@@ -132,7 +142,8 @@ def test_flip_tta_averages_the_image_and_its_mirror():
 
 
 # A checkpoint whose trained weights and EMA give recognisably different logits: the trained classifier is
-# all zeros (uniform probabilities, eval loss ln 3), the EMA's has bias 100 for "cat" (eval loss 200/3).
+# all zeros (uniform probabilities, eval loss ln 3), the EMA's has bias 100 for "cat" (eval loss 200/3). Its
+# run ranked the EMA higher (best_source "ema"), so the EMA is what eval/predict/export take by default.
 
 @pytest.fixture(scope="module")
 def two_weights(tmp_path_factory):
@@ -142,29 +153,35 @@ def two_weights(tmp_path_factory):
     model["fc.bias"] = torch.zeros_like(model["fc.bias"])
     ema = {k: v.clone() for k, v in model.items()}
     ema["fc.bias"] = torch.tensor([100.0, 0.0, 0.0])
-    return save(folder / "ema.pth.tar", model, ema=ema, ema_updates=5), save(folder / "plain.pth.tar", model)
+    return (save(folder / "ema.pth.tar", model, ema=ema, ema_updates=5, best_source="ema"),
+            save(folder / "plain.pth.tar", model))
 
 
-def test_the_weight_loader_takes_the_ema_only_when_asked(two_weights):
+def test_the_weight_loader_takes_the_runs_choice_or_the_one_asked_for(two_weights):
     with_ema, plain = two_weights
     ckpt = Checkpoint.load(with_ema)
     assert from_checkpoint(ckpt, with_ema).variant == "model"  # the default, which resuming relies on
-    ema = read_weights(with_ema, ema=True)
-    assert ema.variant == "ema" and ema.state["fc.bias"][0] == 100
-    assert ema.choice_note == f"using the EMA weights of {with_ema} (--raw-weights for the trained ones)"
-    assert "trained weights" in read_weights(with_ema).choice_note
-    assert read_weights(plain, ema=True).choice_note is None  # nothing to choose: no line
+    best = read_weights(with_ema, choice="best")
+    assert best.variant == "ema" and best.state["fc.bias"][0] == 100
+    assert best.choice_note == (f"using the EMA weights of {with_ema}: they scored higher than the trained ones "
+                                f"in the run's evaluation (--raw-weights for the trained ones)")
+    assert "(--raw-weights), not the EMA" in read_weights(with_ema, choice="model").choice_note
+    assert "(--ema-weights)" in read_weights(with_ema, choice="ema").choice_note
+    model_best = from_checkpoint(dataclasses.replace(ckpt, best_source="model"), with_ema, "best")
+    assert model_best.variant == "model" and model_best.state["fc.bias"][0] == 0
+    assert "(--ema-weights for the EMA)" in model_best.choice_note
+    assert read_weights(plain, choice="best").choice_note is None  # nothing to choose: no line
 
 
 @pytest.mark.slow
 def test_export_follows_the_ema_and_raw_weights(two_weights, tmp_path):
     with_ema, _ = two_weights
     from xception.model.deploy import load_torchscript
-    for raw, bias0 in ((False, 100.0), (True, 0.0)):
+    for choice, bias0 in (("best", 100.0), ("model", 0.0)):
         lines = []
-        path = tmp_path / f"raw{raw}.pt"
-        export.export(with_ema, "torchscript", str(path), log=lines.append, raw=raw)
-        assert ("using the EMA weights" in lines[0]) != raw, lines
+        path = tmp_path / f"{choice}.pt"
+        export.export(with_ema, "torchscript", str(path), log=lines.append, choice=choice)
+        assert ("using the EMA weights" in lines[0]) == (choice == "best"), lines
         graph, _ = load_torchscript(str(path))
         with torch.no_grad():
             logits = graph(torch.zeros(1, 3, 71, 71))
@@ -180,7 +197,7 @@ def test_predict_follows_the_ema_and_says_so(two_weights, tmp_path):
     assert proc.returncode == 0, proc.stderr
     top = json.loads(proc.stdout)["predictions"][0]["top"][0]  # stdout is the JSON alone
     assert top["class"] == "cat" and top["probability"] == 1.0
-    assert f"using the EMA weights of {with_ema} (--raw-weights for the trained ones)" in proc.stderr
+    assert f"using the EMA weights of {with_ema}: they scored higher" in proc.stderr
     raw = run_cli("predict", image, "--weights", with_ema, "--json", "--raw-weights")
     assert raw.returncode == 0, raw.stderr
     uniform = json.loads(raw.stdout)["predictions"][0]["top"]

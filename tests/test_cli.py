@@ -103,4 +103,6 @@ def test_compiled_eval_keeps_compile_time_apart_and_agrees_with_eager(trained_ru
         assert ("to compile for eval" in proc.stdout) == (flag == "--compile")
     # Frozen, fused graph vs eager: the same top-1/top-5 and the loss to float tolerance.
     assert figures["--compile"][1:] == figures["--no-compile"][1:]
-    assert abs(figures["--compile"][0] - figures["--no-compile"][0]) < 1e-3
+    # The loss relative to its size (~3e2 for this run: 1e-3 there is a few float32 ulps, and the fused kernels
+    # differ by CPU), or to the printed 4 decimals
+    assert figures["--compile"][0] == pytest.approx(figures["--no-compile"][0], rel=1e-5, abs=1e-4)

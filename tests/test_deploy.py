@@ -137,7 +137,10 @@ def test_export_onnx_verifies_and_evaluates_like_pytorch(trained_run, tmp_path):
         assert r.returncode == 0, r.stderr
         assert own_settings(weights) in r.stdout.splitlines()
         ev[name] = eval_figures(r)
-    assert ev["torch"][0] == "9" and ev["onnx"] == ev["torch"]  # same loss, top-1, top-5 to the printed digits
+    assert ev["torch"][0] == "9" and ev["onnx"][:1] + ev["onnx"][2:] == ev["torch"][:1] + ev["torch"][2:]
+    # the folded graph in onnxruntime's kernels (chosen by CPU): the loss (~3e2 for this run) to rounding,
+    # relative to its size, or to the printed 4 decimals
+    assert float(ev["onnx"][1]) == pytest.approx(float(ev["torch"][1]), rel=1e-5, abs=1e-4)
     rows = list(csv.DictReader(open(tmp_path / "onnx" / "per_class.csv")))
     assert [r["class"] for r in rows] == ["cat", "dog", "fox"] and sum(int(r["images"]) for r in rows) == 9
     assert png_size(tmp_path / "onnx" / "confusion.png")[1] > 10
@@ -150,13 +153,18 @@ def test_export_onnx_verifies_and_evaluates_like_pytorch(trained_run, tmp_path):
 
 def test_export_torchscript_and_a_failed_verification(trained_run, tmp_path, monkeypatch):
     _, out, _ = trained_run
+    import re
     from xception.config import UserError
     from xception.model.deploy import load_torchscript
     from xception.tools import export
 
     path = tmp_path / "xception.pt"
-    err = export.export(str(out / "checkpoint.pth.tar"), "torchscript", str(path), log=lambda *a: None)
-    assert err < 1e-4 and path.exists()
+    lines = []
+    err = export.export(str(out / "checkpoint.pth.tar"), "torchscript", str(path), log=lines.append)
+    # BatchNorm folded: equal to rounding, relative to the logits' size (max|logit| ~3e2 for this run, where
+    # 1e-4 is a few float32 ulps); a fold that dropped BatchNorm's eps is off by ~8e-5 of it
+    scale = float(re.search(r"max\|logit\| ([0-9.e+-]+)\)", " ".join(lines)).group(1))
+    assert err < 1e-5 * scale and path.exists()
     module, meta = load_torchscript(str(path))
     assert meta["class_names"] == ["cat", "dog", "fox"] and meta["image_size"] == 71 and meta["crop_pct"] == 1
     assert module(torch.zeros(3, 3, 71, 71)).shape == (3, 3)

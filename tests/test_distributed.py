@@ -104,7 +104,10 @@ def test_two_process_eval_equals_one_process_eval_on_an_odd_val_set(tmp_path):
     assert eval_figures(one)[0] == "9"
     assert eval_figures(two)[:1] == eval_figures(one)[:1]
     assert eval_figures(two)[2:] == eval_figures(one)[2:]  # top-1 and top-5 exactly
-    assert abs(float(eval_figures(two)[1]) - float(eval_figures(one)[1])) < 1e-4
+    # The loss to rounding only, relative to its size (2 processes sum other batches in another order; this
+    # briefly trained net's loss can be ~1e3, where 1e-4 is a few float32 ulps), or to the printed 4 decimals.
+    # A sample counted twice or a mean of rank means moves it by whole percents.
+    assert float(eval_figures(two)[1]) == pytest.approx(float(eval_figures(one)[1]), rel=1e-5, abs=1e-4)
 
 
 def test_8p_scripts_run_with_two_processes_and_report_once(tmp_path):

@@ -427,3 +427,153 @@ def test_predict_pretrained_imagenet_names_the_reference_top5_then_works_offline
     captured = capsys.readouterr()
     check(json.loads(captured.out), captured.err)
     assert len(fake.requests) == seen
+
+
+# --- every command that takes weights takes the names: train --pretrained, eval, export (not average) ---
+# (a timm legacy_xception of random weights, served as a repo of the loopback Hub; tiny images, 71 px)
+
+_SERVED = {}  # num_classes -> the bytes of a timm legacy_xception model.safetensors (made once per test run)
+
+
+def timm_weights(num_classes: int) -> bytes:
+    """What timm's push_to_hf_hub uploads for a legacy_xception of `num_classes`: timm's names, safetensors."""
+    if num_classes not in _SERVED:
+        timm = pytest.importorskip("timm")
+        save_file = pytest.importorskip("safetensors.torch").save_file
+        import tempfile
+
+        torch.manual_seed(num_classes)
+        model = timm.create_model("legacy_xception", pretrained=False, num_classes=num_classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            save_file(model.state_dict(), path)
+            with open(path, "rb") as f:
+                _SERVED[num_classes] = f.read()
+    return _SERVED[num_classes]
+
+
+def repo_config(num_classes: int, **pretrained_cfg) -> bytes:
+    """timm_config's config.json with some of its pretrained_cfg replaced."""
+    config = json.loads(timm_config("legacy_xception", num_classes))
+    config["pretrained_cfg"].update(interpolation="bicubic", crop_mode="center")
+    config["pretrained_cfg"].update(pretrained_cfg)
+    return json.dumps(config).encode()
+
+
+@pytest.mark.slow
+def test_train_pretrained_hf_hub_fine_tunes_a_new_head(fake_hub, tmp_path):
+    from conftest import TINY, make_image_folder
+
+    fake, env = fake_hub
+    fake.repos["someone/xception-5"] = {"config.json": repo_config(5), "model.safetensors": timm_weights(5)}
+    data = make_image_folder(tmp_path / "data")  # 3 classes: the repo's 5-class head is replaced
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data_path", data, "--pretrained", "hf-hub:someone/xception-5", "--epochs", 1,
+                   "--output-dir", out, *TINY, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "the file's classifier has 5 classes, the model 3); a new 3-class classifier starts from scratch" \
+        in proc.stdout, proc.stdout
+    assert "timm weights imported" in proc.stdout, proc.stdout
+    assert os.path.isfile(out / "checkpoint.pth.tar")
+    assert fake.gets("/someone/xception-5/resolve/main/model.safetensors") == 1
+
+
+@pytest.mark.slow
+def test_eval_and_predict_by_name_use_the_repos_input_size_and_crop(fake_hub, tmp_path, capsys):
+    from conftest import eval_figures, make_image_folder
+
+    from xception.cli import main
+
+    fake, env = fake_hub
+    fake.repos["someone/xception-3"] = {"config.json": repo_config(3, input_size=[3, 80, 80], crop_pct=0.95),
+                                        "model.safetensors": timm_weights(3)}
+    data = make_image_folder(tmp_path / "data")  # 3 classes, as the repo's head
+    proc = run_cli("eval", "--data_path", data, "--weights", "hf-hub:someone/xception-3", "--batch-size", 4,
+                   "--workers", 0, "--seed", 3, "--output-dir", tmp_path / "eval", env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "hf-hub:someone/xception-3: input image size 80 (the weights' own), crop pct 0.95 (the weights' own)" \
+        in proc.stdout, proc.stdout
+    assert eval_figures(proc)[0] == "9"
+
+    img = tmp_path / "a.png"  # predict, in this process, reads the cache the eval filled
+    Image.fromarray(np.full((90, 100, 3), 120, np.uint8)).save(img)
+    capsys.readouterr()
+    assert main(["predict", str(img), "--weights", "hf-hub:someone/xception-3", "--json", "--topk", "2"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert (out["image_size"], out["crop_pct"]) == (80, 0.95), captured.err
+    assert "input image size 80 (the weights' own), crop pct 0.95 (the weights' own)" in captured.err
+    assert fake.gets("model.safetensors") == 1
+
+
+@pytest.mark.slow
+def test_export_by_name_writes_the_repos_input_size(fake_hub, tmp_path, capsys):
+    from xception.cli import main
+    from xception.model.deploy import load_torchscript
+
+    fake, _ = fake_hub
+    fake.repos["someone/xception-3"] = {"config.json": repo_config(3, input_size=[3, 80, 80], crop_pct=0.95),
+                                        "model.safetensors": timm_weights(3)}
+    out = tmp_path / "model.pt"
+    capsys.readouterr()
+    assert main(["export", "--weights", "hf-hub:someone/xception-3", "--format", "torchscript", "--out",
+                 str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "hf-hub:someone/xception-3: input image size 80 (the weights' own), crop pct 0.95" in stdout, stdout
+    assert f"wrote {out} (torchscript, BatchNorm folded, input Nx3x80x80 in [-1, 1], 3 classes)" in stdout, stdout
+    _, meta = load_torchscript(str(out))
+    assert (meta["image_size"], meta["crop_pct"], meta["source_format"]) == (80, 0.95, "timm")
+
+
+def test_train_resume_by_name_is_refused_and_pretrained_by_name_is_no_path(tmp_path, capsys):
+    from xception.config import Config
+
+    for name in ("imagenet", "hf-hub:someone/xception-3"):
+        msg = cli_error(capsys, "train", "--data_path", tmp_path, "--resume", name, "--output-dir", tmp_path / "o")
+        assert msg == (f"xception: error: --resume {name}: published weights hold no training state to continue; "
+                       f"train from them with --pretrained {name}")
+    for name in ("imagenet", "keras", "hf-hub:someone/xception-3", "hf-hub:someone/xception-3@v1"):
+        assert hub.is_name(name)
+        Config(pretrained=name).validate()  # a name, not a file: the weights reader downloads it
+    for path in ("./imagenet", "imagenet.pth", "hub:x/y"):
+        assert not hub.is_name(path)
+        assert user_error(Config(pretrained=path).validate) == f"--pretrained {path}: no such file"
+    Config(resume="auto").validate()
+
+
+def test_a_repo_asking_for_preprocessing_we_cannot_do_is_refused_in_one_line(fake_hub, tmp_path, capsys):
+    fake, _ = fake_hub
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    fake.repos["someone/imagenet-mean"] = {"config.json": repo_config(3, **imagenet), "model.safetensors": b"w"}
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(img)
+    msg = cli_error(capsys, "predict", img, "--weights", "hf-hub:someone/imagenet-mean")
+    assert msg == ("xception: error: --weights hf-hub:someone/imagenet-mean: someone/imagenet-mean's config.json: "
+                   "pretrained_cfg asks for mean [0.485, 0.456, 0.406], which xception cannot honour (pixels are "
+                   "always normalised with mean 0.5 and std 0.5, to [-1, 1]); these weights would be fed other "
+                   "inputs than they were trained on"), msg
+    for repo, cfg, said in (("std", {"std": [0.25] * 3}, "std [0.25, 0.25, 0.25]"),
+                            ("bilinear", {"interpolation": "bilinear"}, 'interpolation "bilinear"'),
+                            ("squash", {"crop_mode": "squash"}, 'crop_mode "squash"'),
+                            ("oblong", {"input_size": [3, 299, 320]}, "input_size [3, 299, 320]"),
+                            ("tiny", {"test_input_size": [3, 64, 64]}, "test_input_size [3, 64, 64]"),
+                            ("crop", {"crop_pct": 1.2}, "crop_pct 1.2")):
+        fake.repos[f"someone/{repo}"] = {"config.json": repo_config(3, **cfg), "model.safetensors": b"w"}
+        msg = user_error(hub.resolve_pretrained, f"hf-hub:someone/{repo}")
+        assert msg.startswith(f"--pretrained hf-hub:someone/{repo}: someone/{repo}'s config.json: pretrained_cfg "
+                              f"asks for {said}, which xception cannot honour ("), msg
+    assert fake.gets("model.safetensors") == 0  # refused before the weights were downloaded
+    # what we can honour is taken: the test_ settings where given (timm evaluates with them)
+    fake.repos["someone/test-size"] = {"config.json": repo_config(3, test_input_size=[3, 96, 96], test_crop_pct=1.0),
+                                       "model.safetensors": b"w"}
+    path, _ = hub.resolve_pretrained("hf-hub:someone/test-size")
+    assert hub.preprocessing_of(path) == {"image_size": 96, "crop_pct": 1.0}
+    assert hub.preprocessing_of(str(tmp_path / "other.pth")) == {}
+
+
+def test_average_refuses_a_name(tmp_path, capsys):
+    for name in ("imagenet", "hf-hub:someone/xception-3"):
+        msg = cli_error(capsys, "average", name, "-o", tmp_path / "mean.pth.tar")
+        assert msg == (f"xception: error: checkpoint {name}: published weights by name are not checkpoints of ours; "
+                       f"xception average takes checkpoints of one network and class list (e.g. a run's kept "
+                       f"epochs): train from {name} with --pretrained {name} and average that run's checkpoints")

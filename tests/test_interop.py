@@ -145,9 +145,13 @@ def test_keras3_h5_matches_keras_logits(keras_file):
         ours = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
         plain = create_model(weights=path, keras_exact=False, log=lambda *a: None).eval()
         off = plain(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    # Relative to the logits' size (max|logit| ~0.24 here): Keras's kernels and ours agree to rounding (~1e-6
+    # of it, which varies by CPU), while PyTorch numerics are off by ~4e-4 of it, a fixed amount (eps, padding)
+    # that the bar below must sit well under
+    scale = np.abs(ref).max()
     diff = np.abs(ours - ref).max()
-    assert diff < 1e-4, diff
-    assert np.abs(off - ref).max() > 100 * max(diff, 1e-6)  # PyTorch numerics would not match: the test can fail
+    assert diff < 5e-5 * scale, (diff, scale)
+    assert np.abs(off - ref).max() > 4 * 5e-5 * scale  # PyTorch numerics would not match: the test can fail
     assert any("Keras numerics" in m for m in messages)
 
 

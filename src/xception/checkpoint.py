@@ -68,7 +68,9 @@ class Checkpoint:
     rng: list | None = None  # every rank's random streams at a mid-epoch stop, in rank order
     ema: dict | None = None  # --ema: the averaged weights and BatchNorm buffers (a plain state dict, as `model`)
     ema_updates: int = 0  # how many updates the average has had (its decay warm-up and resume need it)
-    best_source: str = "model"  # model_best: which weights scored best, "model" or "ema"
+    # With an EMA: which weights scored higher in this epoch's evaluation, "model" or "ema" (model_best: the
+    # ones best_acc1 measured); eval, predict, export, average and --pretrained use them by default.
+    best_source: str = "model"
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "version": VERSION}

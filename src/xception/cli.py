@@ -11,17 +11,23 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import EXIT_FAILED_RANK, EXIT_INTERRUPTED, Config, ShardSettings, UserError
+from .config import EXIT_FAILED_RANK, EXIT_INTERRUPTED, RESUMED_SETTINGS, Config, ShardSettings, UserError
 from .flags import (Parser, add_average_flags, add_bench_flags, add_check_flags, add_data_flags, add_demo_flags,
                     add_eval_flags, add_export_flags, add_models_flags, add_plot_flags, add_predict_flags,
-                    add_prepare_flags, add_recipe_flags, add_run_flags, add_train_flags)
+                    add_prepare_flags, add_recipe_flags, add_run_flags, add_split_flags, add_train_flags)
 from .recipes import apply_recipe
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The run's Config: the flags given, then the --recipe's values, then Config's defaults."""
+    """The run's Config: the flags given, then the --recipe's values, then Config's defaults. An explicit
+    off (`--auto-augment none`, like `--mixup 0` or `--no-ema`) wins over the recipe; `none` is then
+    Config's own "no policy", None. It records which settings were given (by a flag or the recipe), so that
+    a resume can take the others from its checkpoint."""
     fields = Config.__dataclass_fields__
     values = apply_recipe({k: v for k, v in vars(args).items() if k in fields})
+    values["explicit"] = tuple(sorted(k for k in RESUMED_SETTINGS if k in values))
+    if values.get("auto_augment") == "none":
+        del values["auto_augment"]
     if "crop_scale" in values:
         values["crop_scale"] = tuple(values["crop_scale"])
     return Config(**values)
@@ -88,6 +94,12 @@ def run_prepare(args) -> int:
     return 0
 
 
+def run_split(args) -> int:
+    from .tools.split import write_folds
+    write_folds(args.data, args.folds, args.out, args.seed, args.val_split)
+    return 0
+
+
 def run_plot(args) -> int:
     try:
         import matplotlib  # noqa: F401  (optional: the `interop` extra)
@@ -126,6 +138,8 @@ COMMANDS = {
                        (add_prepare_flags,), run_prepare),
     "plot": Command("draw OUTPUT_DIR/curves.png (loss, accuracy, lr, img/s) from a run's metrics.csv",
                     (add_plot_flags,), run_plot),
+    "split": Command("write K stratified cross-validation folds of an image folder or list file as CSV lists",
+                     (add_split_flags,), run_split),
 }
 MULTI_PROCESS = ("train", "eval")  # the commands --nproc / --multiprocessing-distributed start N times
 

@@ -25,10 +25,24 @@ METRICS_NAME = "metrics.csv"
 # The Xception family (model/family.py builds them): the 2017 original first, the default and the seed's.
 ARCHS = ("xception", "xception41", "xception65", "xception71", "xception41p", "xception65p")
 LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (data/__init__.py)
+SAMPLERS = ("shuffle", "balanced")  # training order of an image folder (data/loaders.py)
 AUTO_AUGMENT = ("ra", "ta", "aa", "augmix")  # RandAugment, TrivialAugmentWide, AutoAugment (ImageNet), AugMix
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "exponential")  # step and exponential are staircases (engine/optim.py)
 DEFAULT_OPSET = 17  # ONNX opset of `xception export`
+
+# What a resumed run takes from its checkpoint's saved settings unless the command line (or --recipe) gives
+# it: the settings that shape the run (optimizer and its state, schedule, EMA, batch, augmentation, input).
+RESUMED_SETTINGS = ("recipe", "seed", "epochs", "batch_size", "image_size", "crop_pct", "amp", "opt", "nesterov", "opt_eps", "momentum", "weight_decay", "wd_norm_bias", "lr", "sched",
+                    "warmup_epochs", "decay_epochs", "decay_rate", "label_smoothing", "drop_rate",
+                    "clip_grad_norm", "grad_accum_steps", "ema", "ema_decay", "ema_warmup", "ema_warmup_shape", "ema_every",
+                    "auto_augment", "ra_magnitude", "ra_num_ops", "random_erase", "mixup", "cutmix", "mix_prob",
+                    "mix_switch_prob", "sampler", "class_weights")
+# Of those, the ones whose change makes the optimizer's saved state unloadable (its parameter groups, its kind).
+OPTIMIZER_STATE_SETTINGS = ("opt", "wd_norm_bias")
+# Of those, the ones that define the LR schedule: a resume with another value recomputes it (engine/optim.py).
+SCHEDULE_SETTINGS = ("epochs", "lr", "sched", "warmup_epochs", "decay_epochs", "decay_rate", "batch_size",
+                     "grad_accum_steps", "steps_per_epoch")
 
 # Exit codes. 0: done.
 EXIT_FAILED_RANK = 1  # a process of a multi-process job failed (the launcher names it)
@@ -82,6 +96,11 @@ class ShardSettings:
 class Config:
     # data
     data_path: str = ""
+    image_column: str = "image"  # a Hugging Face dataset's image column (data/hfds.py)
+    label_column: str = "label"  # ... and its label column
+    train_list: Optional[str] = None  # text lists of `path label` lines (data/listfile.py), instead of a folder
+    val_list: Optional[str] = None
+    classes_file: Optional[str] = None  # --classes: the class order of a list file, one name a line
     image_size: Optional[int] = None  # None: DEFAULT_IMAGE_SIZE, or for eval the weights' own
     crop_pct: Optional[float] = None  # None: DEFAULT_CROP_PCT, or for eval the weights' own
     crop_scale: tuple = (0.08, 1.0)
@@ -90,6 +109,7 @@ class Config:
     loader: str = "auto"  # input pipeline: auto (= tv), pil, tv, dali
     skip_bad_images: bool = False  # log, count and skip undecodable images instead of stopping
     check_data: bool = True  # decode-check every image (not checked before) ahead of the first epoch
+    sampler: str = "shuffle"  # training order: shuffle (each image once per epoch) or balanced (SAMPLERS)
     arch: Optional[str] = None  # one of ARCHS; None: the weights' own (--pretrained/--resume), else xception
     # augmentation (data/transforms.py) and batch mixing (engine/mix.py)
     auto_augment: Optional[str] = None  # one of AUTO_AUGMENT
@@ -113,7 +133,8 @@ class Config:
     decay_rate: float = 0.94  # step/exponential: multiply the LR by this at each decay
     ema: bool = False  # keep an exponential moving average of the weights (Polyak averaging)
     ema_decay: float = 0.9998  # per EMA update
-    ema_warmup: bool = False  # ramp the decay up over the first updates: min(decay, (1 + n) / (10 + n))
+    ema_warmup: bool = False  # ramp the decay up over the first updates (shape: ema_warmup_shape)
+    ema_warmup_shape: str = "ratio"  # ratio: min(decay, (1 + n) / (10 + n)); power: min(decay, 1 - (1 + n) ** -2/3)
     ema_every: int = 1  # update the EMA every K optimizer steps
     keep_checkpoints: int = 0  # also keep the N best epochs' checkpoints, named by epoch
     epochs: int = 90
@@ -124,6 +145,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    class_weights: Optional[str] = None  # per-class loss weights: "balanced", or a FILE of `class weight` lines
     warmup_epochs: float = 0.0
     drop_rate: float = 0.0
     freeze_epochs: int = 0  # train only the classifier for the first K epochs
@@ -154,7 +176,13 @@ class Config:
     tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
     eval_report: bool = False  # xception eval --report: per-class accuracy and confusion matrix
     tta: Optional[str] = None  # xception eval --tta flip: average the logits of each image and its mirror
-    raw_weights: bool = False  # eval/predict/export: the raw weights even where a checkpoint holds an EMA
+    # eval/predict/export of a checkpoint holding an EMA: the trained weights (raw) or the EMA; neither: the
+    # weights the run's own evaluation ranked higher (its best_source)
+    raw_weights: bool = False
+    ema_weights: bool = False
+    # The settings of RESUMED_SETTINGS that the command line (or --recipe) gave; None: all of them (a Config
+    # built in code means every value it holds). A resume takes the others from its checkpoint.
+    explicit: Optional[tuple] = None
 
     def to_dict(self) -> dict:
         """Plain types only, so a checkpoint holding it loads with weights_only=True."""
@@ -163,14 +191,39 @@ class Config:
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def continued_from(self, saved: dict) -> tuple:
+        """(this config with every setting of RESUMED_SETTINGS that was not given explicitly taken from a
+        checkpoint's saved settings, {name: value} of those that changed)."""
+        if self.explicit is None:
+            return self, {}
+        taken = {}
+        for name in RESUMED_SETTINGS:
+            if name in self.explicit or name not in saved:
+                continue
+            value = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+            if value != getattr(self, name):
+                taken[name] = value
+        return self.replace(**taken), taken
+
+    def differing(self, saved: dict, names) -> dict:
+        """{name: (ours, saved)} of the settings in `names` whose value differs from a checkpoint's."""
+        return {n: (getattr(self, n), saved[n]) for n in names if n in saved and saved[n] != getattr(self, n)}
+
     def validate(self, world_size: int = 1) -> None:
         """Refuse a bad setting with one line naming the flag."""
         for ok, message in self._checks(world_size):
             if not ok:
                 raise UserError(message)
         for flag, path in (("--resume", self.resume), ("--pretrained", self.pretrained)):
-            if path and not (flag == "--resume" and path == "auto"):
-                check_file(path, flag, "a checkpoint file")
+            if not path or (flag == "--resume" and path == "auto"):
+                continue
+            # A published name (model/hub.py's is_name; this module imports nothing of ours) is no file: the
+            # weights reader downloads it (eval --weights NAME); train refuses to --resume one (engine/train.py).
+            if path in ("imagenet", "keras") or path.startswith("hf-hub:"):
+                continue
+            check_file(path, flag, "a checkpoint file")
+        if self.class_weights not in (None, "none", "balanced"):
+            check_file(self.class_weights, "--class-weights", "balanced, none or a text file of `class weight` lines")
         if self.loss_scale not in (None, "dynamic"):
             try:
                 scale = float(self.loss_scale)
@@ -202,6 +255,7 @@ class Config:
             (0 < self.decay_rate <= 1, f"--decay-rate must be in (0, 1], got {self.decay_rate}"),
             (0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.ema_every >= 1, f"--ema-every must be 1 or more, got {self.ema_every}"),
+            one_of("--ema-warmup-shape", self.ema_warmup_shape, ("ratio", "power")),
             (self.keep_checkpoints >= 0, f"--keep-checkpoints must be 0 or more, got {self.keep_checkpoints}"),
         ]
 
@@ -221,6 +275,9 @@ class Config:
             at_least_zero("--weight-decay", self.weight_decay), at_least_zero("--warmup-epochs", self.warmup_epochs),
             at_least_zero("--freeze-epochs", self.freeze_epochs),
             (self.loader in LOADERS, f"--loader must be {', '.join(LOADERS)}, got {self.loader!r}"),
+            (self.sampler in SAMPLERS, f"--sampler must be {', '.join(SAMPLERS)}, got {self.sampler!r}"),
+            (self.class_weights is None or bool(self.class_weights.strip()),
+             "--class-weights must be balanced, none or a file of `class weight` lines, got ''"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.image_size is None or self.image_size >= MIN_INPUT_SIZE,

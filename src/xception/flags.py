@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .config import (ARCHS, AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
-                     OPTIMIZERS, SCHEDULES, Config, ShardSettings)
+                     OPTIMIZERS, SAMPLERS, SCHEDULES, Config, ShardSettings)
 from .recipes import RECIPES
 
 # A setting a recipe may fill defaults to None here ("not given"); Config holds its real default.
@@ -28,8 +28,24 @@ def _int(text: str) -> int:
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", "--data-path", dest="data_path", required=True, metavar="DIR",
-                   help="dataset root holding train/<class>/<image> and val/<class>/<image>")
+    g.add_argument("--data_path", "--data-path", dest="data_path", default="", metavar="DIR",
+                   help="dataset root holding train/<class>/<image> and val/<class>/<image>, or a CSV list "
+                        "file (columns path, label, split, optionally group); or a Hugging Face dataset: a "
+                        "folder written by save_to_disk, a folder of Parquet files (train-*.parquet, "
+                        "validation-*.parquet) or hf:ORG/NAME from the Hub; required unless "
+                        "--train-list/--val-list are given")
+    g.add_argument("--image-column", default="image", metavar="NAME",
+                   help="Hugging Face dataset: the column holding the images (default image)")
+    g.add_argument("--label-column", default="label", metavar="NAME",
+                   help="Hugging Face dataset: the column holding the labels: a ClassLabel, strings or "
+                        "integers (default label)")
+    g.add_argument("--train-list", default=None, metavar="FILE",
+                   help="text list of training images, one 'path label' a line, paths relative to the list's "
+                        "folder (or to --data_path when given); needs --val-list")
+    g.add_argument("--val-list", default=None, metavar="FILE", help="text list of validation images, as --train-list")
+    g.add_argument("--classes", dest="classes_file", default=None, metavar="FILE",
+                   help="list files: the class names in the model's output order, one a line (default: the "
+                        "sorted distinct train labels)")
     g.add_argument("-j", "--workers", type=_int, default=4,
                    help="data-loading worker processes in total, split over the processes (default 4)")
     g.add_argument("--image-size", type=_int, default=None,
@@ -106,6 +122,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None,
                    help=f"weight decay (default {D.weight_decay})")
     g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (default 0)")
+    g.add_argument("--class-weights", default=None, metavar="balanced|none|FILE",
+                   help="weigh each class's training loss: balanced = n_images / (n_classes x the class's "
+                        "images), from the training split; FILE = one `class weight` line per class (blank lines "
+                        "and # comments allowed); none = equal (the default). The validation loss stays unweighted")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="training order: shuffle = every image once per epoch (the default); balanced = each "
+                        "class equally often, drawn with replacement, as many draws as the split has images "
+                        "(image folders and list files)")
     g.add_argument("--warmup-epochs", "--warm_up_epochs", dest="warmup_epochs", type=float, default=None,
                    help="linear warm-up epochs before the schedule (default 0)")
     g.add_argument("--drop-rate", type=float, default=None, help="dropout before the classifier (paper: 0.5)")
@@ -114,10 +138,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nonfinite-steps", type=_int, default=10, metavar="K",
                    help="with fp16 loss scaling, stop after K non-finite losses in a row (default 10); "
                         "without loss scaling the first one stops the run")
-    g.add_argument("--pretrained", default=None, metavar="PATH",
+    g.add_argument("--pretrained", default=None, metavar="NAME|PATH",
                    help="start from these weights: our checkpoint, timm/Cadene legacy_xception .pth or "
-                        ".safetensors, or a Keras .h5 (format detected); a classifier of another class "
-                        "count is replaced")
+                        ".safetensors, or a Keras .h5 (format detected), or published weights by name: imagenet "
+                        "(the --arch's, from the Hugging Face Hub), keras, hf-hub:ORG/REPO[@REV]; a classifier "
+                        "of another class count is replaced")
     g.add_argument("--freeze-epochs", type=_int, default=0, metavar="K",
                    help="train only the classifier for the first K epochs (backbone and its BatchNorm "
                         "statistics frozen), then the whole network (default 0)")
@@ -151,13 +176,21 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="keep an exponential moving average of the weights, evaluated every epoch next to them")
     g.add_argument("--ema-decay", type=float, default=None, help=f"per update (default {D.ema_decay})")
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="ramp the decay up over the first updates: min(decay, (1 + n) / (10 + n))")
+                   help="ramp the decay up over the first updates, in the shape of --ema-warmup-shape")
+    g.add_argument("--ema-warmup-shape", choices=("ratio", "power"), default=None,
+                   help="with --ema-warmup, the decay at the update after n earlier ones: ratio min(decay, "
+                        "(1 + n) / (10 + n)); power min(decay, 1 - (1 + n) ** (-2/3)), the form of timm's "
+                        f"--model-ema-warmup, higher early (a longer window) (default {D.ema_warmup_shape})")
     g.add_argument("--ema-every", type=_int, default=None, metavar="K",
                    help="update the average every K optimizer steps (default 1)")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
-                   help="ra: RandAugment, ta: TrivialAugmentWide, aa: AutoAugment (ImageNet policy), augmix")
-    g.add_argument("--ra-magnitude", type=_int, default=None, help=f"RandAugment magnitude (default {D.ra_magnitude})")
+    g.add_argument("--auto-augment", choices=(*AUTO_AUGMENT, "none"), default=None,
+                   help="ra: RandAugment, ta: TrivialAugmentWide, aa: AutoAugment (ImageNet policy), augmix; "
+                        "none: no policy (the default; switches a --recipe's off)")
+    g.add_argument("--ra-magnitude", type=_int, default=None, metavar="M",
+                   help="RandAugment strength, torchvision's scale: 0..30, each op at M/30 of its largest "
+                        "change (31 bins). timm's rand-mM is M/10 of it: timm's m9 is our 27 "
+                        f"(default {D.ra_magnitude}, i.e. 0.3 of the range)")
     g.add_argument("--ra-num-ops", type=_int, default=None, help=f"RandAugment ops per image (default {D.ra_num_ops})")
     g.add_argument("--random-erase", type=float, default=None, metavar="P",
                    help="erase a random rectangle of a training image with probability P (default 0)")
@@ -169,16 +202,22 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="with both mixup and CutMix: probability of CutMix (default 0.5)")
 
 
-def add_weights_choice(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw-weights", action="store_true",
-                   help="use the trained weights even where the checkpoint holds an EMA of them (default: the EMA)")
+def add_weights_choice(p: argparse.ArgumentParser, what: str = "use") -> None:
+    """Which weights of a checkpoint that holds an EMA next to the trained ones."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--raw-weights", action="store_true",
+                   help=f"{what} the trained weights of a checkpoint that also holds an EMA (default: whichever "
+                        "of the two its run's evaluation ranked higher, the ones its best_acc1 measured; a line "
+                        "says which)")
+    g.add_argument("--ema-weights", action="store_true", help=f"{what} the EMA of such a checkpoint")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
     add_run_flags(p)
     p.add_argument("--resume", "--weights", dest="resume", required=True, metavar="PATH",
-                   help="checkpoint (or weights file) to evaluate, or an .onnx file from xception export")
+                   help="checkpoint (or weights file) to evaluate, an .onnx file from xception export, or a NAME "
+                        "as for train --pretrained (imagenet, keras, hf-hub:ORG/REPO[@REV])")
     p.add_argument("--report", dest="eval_report", action="store_true",
                    help="also write per_class.csv, confusion.csv and confusion.png to --output-dir")
     p.add_argument("--tta", choices=["flip"], default=None,
@@ -217,7 +256,8 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, metavar="CKPT",
-                   help="weights to export: our checkpoint, or a timm/Cadene/Keras weights file")
+                   help="weights to export: our checkpoint, a timm/Cadene/Keras weights file, or a NAME as for "
+                        "train --pretrained (imagenet, keras, hf-hub:ORG/REPO[@REV])")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="graph format")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the graph")
     p.add_argument("--static-batch", type=_int, default=None, metavar="N",
@@ -292,7 +332,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_check_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_path", metavar="DIR", help="dataset root holding train/<class>/ and val/<class>/")
+    p.add_argument("data_path", metavar="DIR", help="dataset root holding train/<class>/ and val/<class>/, or a "
+                                                   "CSV list file")
     p.add_argument("-j", "--workers", type=_int, default=None,
                    help="parallel checking threads (default: the CPUs available, at most 32)")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -302,7 +343,7 @@ def add_check_flags(p: argparse.ArgumentParser) -> None:
 def add_prepare_flags(p: argparse.ArgumentParser) -> None:
     d = ShardSettings()
     p.add_argument("--data_path", "--data-path", dest="data_path", required=True, metavar="DIR",
-                   help="image folder with train/<class>/<image> and val/<class>/<image>")
+                   help="image folder with train/<class>/<image> and val/<class>/<image>, or a CSV list file")
     p.add_argument("--out", required=True, metavar="SHARDS_DIR", help="where the shards and index.json go")
     p.add_argument("--max-size", type=_int, default=d.max_size,
                    help=f"re-encode with the short side at most this many pixels (default {d.max_size}; 0 keeps the size)")
@@ -327,9 +368,7 @@ def add_average_flags(p: argparse.ArgumentParser) -> None:
                         "is written back unchanged")
     p.add_argument("-o", "--out", required=True, metavar="FILE",
                    help="where to write the averaged checkpoint (must not exist yet)")
-    p.add_argument("--raw-weights", action="store_true",
-                   help="average the trained weights even of checkpoints that hold an EMA (default: each "
-                        "checkpoint's EMA where it has one, as eval would use)")
+    add_weights_choice(p, "average")
 
 
 def add_models_flags(p: argparse.ArgumentParser) -> None:
@@ -339,3 +378,15 @@ def add_models_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=_int, default=4, help="--measure: images per forward (default 4)")
     p.add_argument("--repeats", type=_int, default=3, help="--measure: timed repeats, median reported (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+
+
+def add_split_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="an image folder (train/ and val/ pooled) or a CSV list file "
+                                               "(its train and val rows pooled; test rows stay test)")
+    p.add_argument("--folds", type=_int, required=True, metavar="K", help="number of folds (at least 2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where fold-1.csv ... fold-K.csv go (must not "
+                                                              "hold fold files yet)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the shuffle before splitting (default 0)")
+    p.add_argument("--val-split", choices=("val", "test"), default="val", metavar="NAME",
+                   help="split value written on each fold's held-out rows: val (default; what training "
+                        "evaluates on) or test")

@@ -17,7 +17,7 @@ from .config import METRICS_NAME, UserError
 from .files import write_text
 
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "epoch_seconds",
-                  "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5"]
+                  "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5", "balanced_acc"]
 TENSORBOARD_DIR = "tensorboard"
 CONFUSION_CSV_MAX_CLASSES = 100
 
@@ -70,8 +70,9 @@ FAULT_COLUMNS = {"bad_images_skipped": "skipped_images", "overflow_steps_skipped
 def epoch_line(epoch: int, epochs: int, row: dict, faults: tuple = ()) -> str:
     """The epoch's summary line; `faults`: the FAULT_COLUMNS to show (always when non-zero)."""
     line = (f"epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"top1 {row['top1']:.3f} top5 {row['top5']:.3f} lr {row['lr']:.4g} "
-            f"img/s {row['images_per_sec']:.1f} time {row['epoch_seconds']:.1f}s")
+            f"top1 {row['top1']:.3f} top5 {row['top5']:.3f}"
+            + (f" balanced_acc {row['balanced_acc']:.3f}" if row.get("balanced_acc") is not None else "")
+            + f" lr {row['lr']:.4g} img/s {row['images_per_sec']:.1f} time {row['epoch_seconds']:.1f}s")
     if row.get("ema_top1") is not None:
         line += f" ema_top1 {row['ema_top1']:.3f} ema_top5 {row['ema_top5']:.3f}"
     for column, label in FAULT_COLUMNS.items():

@@ -6,6 +6,7 @@
     loaders.py     the Loader contract the engine relies on; the image-folder pipeline; to_device
     shards.py      WebDataset shard sets from `xception prepare`, local or streamed
     dali.py        NVIDIA DALI, decoding on the GPU (--loader dali)
+    hfds.py        Hugging Face datasets: save_to_disk folders, Parquet folders, hf:ORG/NAME
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..config import UserError
 from .check import screen
 from .dali import dali_loaders
 from .folder import scan_dataset
+from .hfds import hf_loaders, is_hf_source
+from .listfile import read_list_splits
 from .loaders import FolderDataset, FolderLoader, Loader, to_device
 from .shards import is_shard_source, read_index, shard_loader
 from .transforms import build_transform
@@ -36,7 +39,15 @@ class Loaders:
 def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None = None, log=print) -> Loaders:
     """The run's loaders for cfg.data_path: an image folder (--loader tv|pil, or dali) or a shard set.
     `generator` drives the training order and the workers' seeds (the engine reseeds it every epoch)."""
+    listed = read_list_splits(cfg, need_train)  # a CSV --data_path or --train-list/--val-list, else None
     shard_set = bool(cfg.data_path) and is_shard_source(cfg.data_path)
+    if need_train and cfg.sampler == "balanced" and (shard_set or cfg.loader == "dali"):
+        raise UserError("--sampler balanced needs an image folder or a list file")
+    hf_source = listed is None and bool(cfg.data_path) and is_hf_source(cfg.data_path)
+    if hf_source and cfg.loader == "dali":
+        raise UserError("--loader dali reads image folders; for a Hugging Face dataset use --loader tv (or auto)")
+    if hf_source:
+        return Loaders(*hf_loaders(cfg, ctx, need_train, generator or torch.Generator(), log))
     if cfg.loader == "dali":
         if shard_set:
             raise UserError("--loader dali reads image folders; for a shard set use --loader tv (or auto)")
@@ -44,8 +55,10 @@ def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None 
     if shard_set:
         index, base = read_index(cfg.data_path)
         train = shard_loader(index, base, True, cfg, ctx, log) if need_train else None
+        if train is not None:
+            train.class_counts = index["splits"]["train"].get("class_counts")
         return Loaders(index["classes"], train, shard_loader(index, base, False, cfg, ctx, log))
-    train_split, val_split = scan_dataset(cfg.data_path, need_train=need_train)
+    train_split, val_split = listed or scan_dataset(cfg.data_path, need_train=need_train)
     skipped = 0
     if cfg.check_data:
         (train_split, val_split), skipped = screen([train_split, val_split], cfg, ctx, log)

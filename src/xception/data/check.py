@@ -20,6 +20,7 @@ from ..config import UserError
 from ..files import WriteError, atomic_write, show
 from ..runtime import cpu_count
 from .folder import IMG_EXTENSIONS, Split, scan_dataset
+from .listfile import is_list_file, read_list_file
 
 SKIP_HINT = "remove or replace it, or pass --skip-bad-images to skip such files"
 CACHE_NAME = "image-check-cache.npy"  # in the output folder: keys of the files found good
@@ -184,13 +185,15 @@ def _one_error(bad: list, data_path: str) -> UserError:
 
 
 def drop_bad(split: Split, bad_paths: set) -> Split:
-    kept = [(p, c) for p, c in split.samples if p not in bad_paths]
+    keep = [p not in bad_paths for p, _ in split.samples]
+    kept = [s for s, k in zip(split.samples, keep) if k]
     have = {c for _, c in kept}
     lost = [name for i, name in enumerate(split.classes) if i not in have]
     if lost:
         raise UserError(f"{show(split.root)}: class folder(s) with no readable image left after skipping "
                         f"bad files: {', '.join(map(show, lost[:5]))}; add good images or remove the folder")
-    return replace(split, samples=kept)
+    groups = None if split.groups is None else [g for g, k in zip(split.groups, keep) if k]
+    return replace(split, samples=kept, groups=groups)
 
 
 def screen(splits: list, cfg, ctx, log=print) -> tuple:
@@ -236,7 +239,7 @@ def failed_sample(path: str, exc: Exception, skip: bool) -> str:
 
 def check_folder(data_path: str, workers: int | None, skip_bad: bool, ctx) -> int:
     """`xception check-data DIR`: list every bad file; exit 2 on any unless `skip_bad`."""
-    train, val = scan_dataset(data_path, need_train=True)
+    train, val = read_list_file(data_path) if is_list_file(data_path) else scan_dataset(data_path, need_train=True)
     bad = find_bad([train, val], ctx, workers or default_workers())
     for path, why in bad:
         print(f"bad: {show(path)}: {why.split(';')[0]}")

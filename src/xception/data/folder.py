@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from ..config import UserError
 
@@ -16,6 +17,7 @@ class Split:
     root: str
     classes: list
     samples: list  # (path, class index)
+    groups: Optional[list] = None  # list files: each sample's group (video, patient ...), aligned with samples
 
 
 def scan_split(root: str) -> Split:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
-from ..config import PIXEL_MEAN, PIXEL_STD
+from ..config import PIXEL_MEAN, PIXEL_STD, derive_seed
 from ..files import show
 from ..runtime import accelerator_module, cpu_count
 from .check import BadImageError, failed_sample
@@ -35,11 +35,13 @@ class Loader:
     * `set_epoch(epoch, start_step)` before each training epoch: the epoch's order, starting after
       `start_step` batches (a resumed epoch); iterating right after it skips them before returning (DALI
       cannot continue an epoch part-way: it raises UserError for start_step > 0);
-    * `skipped()` counts the bad images this process has skipped so far (--skip-bad-images).
+    * `skipped()` counts the bad images this process has skipped so far (--skip-bad-images);
+    * `class_counts`: the split's images per class, or None where the pipeline does not know them.
     """
 
     batch_size: int
     num_samples: int
+    class_counts: list | None = None  # images per class in the split, where the pipeline knows them
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -115,6 +117,41 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
 
+class BalancedSampler(Sampler):
+    """--sampler balanced: every class equally likely at every draw (each sample weighs 1 / its class's
+    count), drawn with replacement; an epoch has as many draws as the split has samples, rounded up to a
+    multiple of the ranks. All ranks make the same global draw from a generator seeded by (seed, epoch), and
+    rank r takes draws r, r+W, r+2W, ...: disjoint shares of equal length, whose batches together are the
+    one-process batches. `skip` draws of this rank's share are left out of the next pass (set after set_epoch),
+    as in ResumableSampler."""
+
+    skip = 0
+
+    def __init__(self, targets, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        targets = torch.as_tensor(targets, dtype=torch.int64)
+        if targets.numel() == 0:
+            raise ValueError("BalancedSampler needs at least one sample")
+        self.weights = 1.0 / torch.bincount(targets).double()[targets]
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = -(-targets.numel() // num_replicas)  # per rank
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.skip = epoch, 0
+
+    def global_draw(self) -> torch.Tensor:
+        """The epoch's draws over all ranks (sample indices)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+
+    def __iter__(self):
+        share = self.global_draw()[self.rank::self.num_replicas]
+        return iter(share[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class EvalSampler(Sampler):
     """Rank r takes samples r, r+W, r+2W, ...: every sample exactly once, no padding, no dropped tail."""
 
@@ -144,26 +181,43 @@ class FolderDataset(Dataset):
         for _ in range(MAX_SKIPS_IN_A_ROW):
             path, target = self.split.samples[index]
             try:
-                return self.transform.load(path), target
-            except Exception as e:  # any decoder failure; failed_sample decides what it means
-                failed_sample(path, e, self.skip_bad)
+                return self.load(path), target
+            except Exception as e:  # any decoder failure; failed decides what it means
+                self.failed(path, e)
                 info = get_worker_info()
                 self.counts[0 if info is None else 1 + info.id % (COUNTER_SLOTS - 1)] += 1
                 index = (index + 1) % len(self)
-        raise BadImageError(f"{show(self.split.samples[index][0])}: {MAX_SKIPS_IN_A_ROW} unreadable files in a row; "
-                            f"run `xception check-data` on the dataset and fix it")
+        raise BadImageError(f"{self.name(self.split.samples[index][0])}: {MAX_SKIPS_IN_A_ROW} unreadable files in a "
+                            f"row; run `xception check-data` on the dataset and fix it")
+
+    # How a sample's key (a file path here) is read, judged when it fails, and named: a dataset whose
+    # samples are not files (data/hfds.py) overrides these three.
+    def load(self, path) -> torch.Tensor:
+        return self.transform.load(path)
+
+    def failed(self, path, exc: Exception) -> None:
+        failed_sample(path, exc, self.skip_bad)
+
+    def name(self, path) -> str:
+        return show(path)
 
 
 class FolderLoader(Loader):
     """An image-folder split through a torch DataLoader. Training: DistributedSampler order (also with one
     process, so the data order depends on the seed and epoch only, and the ranks' batches together are the
-    one-process batch), full batches; evaluation: each rank its EvalSampler share, the last batch partial."""
+    one-process batch), or with --sampler balanced BalancedSampler's, full batches; evaluation: each rank
+    its EvalSampler share, the last batch partial."""
 
     def __init__(self, dataset: FolderDataset, cfg, ctx, train: bool, generator: torch.Generator):
         self.dataset, self.device, self.train = dataset, ctx.device, train
         self.batch_size, workers = per_process(cfg, ctx)
         self.num_samples = len(dataset)
-        if train:
+        targets = [target for _, target in dataset.split.samples]
+        self.class_counts = torch.bincount(torch.tensor(targets, dtype=torch.int64),
+                                           minlength=len(dataset.split.classes)).tolist()
+        if train and getattr(cfg, "sampler", "shuffle") == "balanced":
+            self.sampler = BalancedSampler(targets, ctx.world_size, ctx.rank, seed=cfg.seed or 0)
+        elif train:
             self.sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed or 0)
         else:
             self.sampler = EvalSampler(len(dataset), ctx.rank, ctx.world_size)

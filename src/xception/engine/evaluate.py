@@ -1,8 +1,8 @@
 """`xception eval`: the one evaluation driver. It serves our checkpoints (or any weights file the model
 reads) and exported .onnx graphs (run by onnxruntime), with or without --report (per-class accuracy and
 the confusion matrix). The input size and crop are the weights' own unless a flag says otherwise. A checkpoint
-holding an EMA is evaluated with it (--raw-weights: the trained weights); --tta flip averages each image's
-logits with its mirror's (`FlipTTA`)."""
+holding an EMA is evaluated with the weights its run ranked higher (--raw-weights, --ema-weights choose);
+--tta flip averages each image's logits with its mirror's (`FlipTTA`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import Config, UserError
 from ..model.deploy import Opened, open_weights
-from ..model.weights import build_model, eval_settings, load_into
+from ..model.weights import build_model, eval_settings, load_into, weights_choice
 from ..report import write_eval_report
 from ..runtime import rank_zero_log, synchronize
 from .loop import Confusion, evaluate
@@ -27,10 +27,12 @@ def evaluate_weights(cfg: Config) -> dict:
     t_start = time.perf_counter()
     if not cfg.resume:
         raise UserError("xception eval needs the weights to evaluate: --resume PATH (or --weights PATH)")
-    what = open_weights(cfg.resume, cfg.image_size, raw=cfg.raw_weights)
+    what = open_weights(cfg.resume, cfg.image_size, choice=weights_choice(cfg.raw_weights, cfg.ema_weights),
+                        arch=cfg.arch)
     arch = what.weights.arch if what.weights is not None else "xception"
     size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log(), arch)
-    run = Run(cfg.replace(image_size=size, crop_pct=crop), need_train=False, kind="eval")
+    # Run checks its config again: it gets the file read (a published name is resolved to one), not the name
+    run = Run(cfg.replace(image_size=size, crop_pct=crop, resume=what.source), need_train=False, kind="eval")
     try:
         run.check_classes(what.class_names, cfg.resume)
         model, precision, channels_last, device_type = _model(run, what)
@@ -41,7 +43,7 @@ def evaluate_weights(cfg: Config) -> dict:
         progress.close()
         fps = val["count"] / (time.perf_counter() - t0)
         run.log(f"eval {cfg.resume}{_variant(what, cfg)} on {val['count']} images: loss {val['loss']:.4f} "
-                f"top1 {val['top1']:.3f} top5 {val['top5']:.3f}")
+                f"top1 {val['top1']:.3f} top5 {val['top5']:.3f} balanced_acc {val['balanced_acc']:.3f}")
         if cfg.eval_report and run.ctx.is_main:
             write_eval_report(val["confusion"], run.classes, cfg.output_dir, os.path.basename(cfg.resume), run.log)
         result = {"fps": fps, "top1": val["top1"], "loss": val["loss"], "e2e_seconds": time.perf_counter() - t_start}
@@ -82,9 +84,9 @@ def _model(run: Run, what: Opened) -> tuple:
             raise UserError("evaluating an .onnx file runs in one process; leave out --nproc/torchrun")
         run.log(f"eval {what.source} with onnxruntime ({', '.join(what.graph.session.get_providers())}), "
                 f"{run.cfg.image_size} px, crop {run.cfg.crop_pct}")
-        if run.cfg.raw_weights:
-            run.log(f"note: --raw-weights does not apply to {what.source}: a graph holds the weights it was "
-                    f"exported with")
+        if run.cfg.raw_weights or run.cfg.ema_weights:
+            run.log(f"note: --raw-weights/--ema-weights do not apply to {what.source}: a graph holds the "
+                    f"weights it was exported with")
         return _tta(what.graph, run), Precision("cpu"), False, "onnxruntime"
     if what.weights.choice_note:
         run.log(what.weights.choice_note)

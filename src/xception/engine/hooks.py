@@ -131,12 +131,15 @@ class HeadOnly(Hook):
     (eval mode) and do not update them, so the new head learns on the features the pretrained weights give.
     On one process the backbone's parameters also stop requiring gradients (no backward through it: much
     faster). Under DistributedDataParallel the parameter set must not change after wrapping, so there the
-    gradients are still computed and all-reduced, and dropped right before each optimizer step."""
+    gradients are still computed and all-reduced, and dropped as each optimizer step begins: with `step`
+    (the loop.Step that trains `model`) in its `before_update`, ahead of unscaling and --clip-grad-norm, so
+    that the clip measures only the head's gradients, the ones applied; without it (a caller that steps
+    `optimizer` itself) in an optimizer step pre-hook."""
 
-    def __init__(self, model, optimizer, epochs: int, log=print):
+    def __init__(self, model, optimizer, epochs: int, log=print, step=None):
         self.wrapped = model is not unwrap(model)
         self.inner = unwrap(model)
-        self.optimizer, self.epochs, self.log = optimizer, epochs, log
+        self.optimizer, self.epochs, self.log, self.step = optimizer, epochs, log, step
         self.backbone = [p for name, p in self.inner.named_parameters() if name.split(".")[0] not in HEAD_MODULES]
         self.handles = []
 
@@ -162,12 +165,23 @@ class HeadOnly(Hook):
                 if name not in HEAD_MODULES:
                     child.eval()
 
-        def drop_backbone_grads(optimizer, args, kwargs):
+        def drop_backbone_grads(*_):
             for p in self.backbone:
                 p.grad = None  # SGD skips a parameter without a gradient: no step, decay or momentum
 
-        self.handles = [self.inner.register_forward_pre_hook(backbone_eval),
-                        self.optimizer.register_step_pre_hook(drop_backbone_grads)]
+        self.handles = [self.inner.register_forward_pre_hook(backbone_eval)]
+        if self.step is not None:
+            hooks = self.step.before_update
+            hooks.append(drop_backbone_grads)
+
+            class Handle:  # removable like torch's hook handles
+                @staticmethod
+                def remove():
+                    hooks.remove(drop_backbone_grads)
+
+            self.handles.append(Handle())
+        else:
+            self.handles.append(self.optimizer.register_step_pre_hook(drop_backbone_grads))
         if not self.wrapped:
             for p in self.backbone:
                 p.requires_grad_(False)

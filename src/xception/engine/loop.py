@@ -25,8 +25,8 @@ TIMING_WARMUP_ITERS = 5  # first iterations of an epoch left out of img/s (alloc
 @dataclass
 class Step:
     """One training step on one batch: optional batch mixing (mixup/CutMix), forward under autocast,
-    backward (scaled for fp16); every `accum`-th batch also the optimizer step (after unscaling and
-    clipping), the LR schedule, and zeroing the gradients.
+    backward (scaled for fp16); every `accum`-th batch also the optimizer step (after `before_update`,
+    unscaling and clipping), the LR schedule, and zeroing the gradients.
 
     Nothing here reads the device on the host: with a fused optimizer (CUDA) the loss scaler hands its
     overflow flag to the optimizer's kernel instead of reading it, the clipping norm stays on the device,
@@ -43,6 +43,10 @@ class Step:
     skipped: torch.Tensor | None = None  # steps the loss scaler skipped, on the device
     pending: int = 0  # batches whose gradients wait for the next optimizer step
     updates: int = 0  # optimizer steps taken (the scaler may have skipped some)
+    # Callables run as each optimizer step begins, before unscaling and clipping: what they change in the
+    # gradients (e.g. hooks.HeadOnly dropping the frozen backbone's) is what the clip measures and the
+    # optimizer applies. They must not read device values on the host either.
+    before_update: list = field(default_factory=list)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.mix is not None:
@@ -62,6 +66,8 @@ class Step:
         return loss.detach()
 
     def _optimizer_step(self) -> None:
+        for prepare in self.before_update:
+            prepare()
         scaler = self.precision.scaler
         if scaler is None:
             self._clip()
@@ -205,6 +211,36 @@ class TopK:
 
 
 @dataclass
+class ClassRecall:
+    """Balanced accuracy: the mean over the classes present of each class's top-1 recall (as scikit-learn's
+    balanced_accuracy_score). Per class, the images and the top-1 hits among them are tallied on the device
+    (index_add_: no host read); sized by the logits of the first batch, and across processes by the largest
+    size (a process without a batch has none), then summed once."""
+    device: torch.device
+    tally: torch.Tensor | None = None  # 2 x classes: images, hits
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
+        if self.tally is None:
+            self.tally = torch.zeros(2, logits.shape[1], dtype=torch.float64, device=self.device)
+        hits = top[:, 0].eq(targets).double()
+        self.tally[0].index_add_(0, targets, torch.ones_like(hits))
+        self.tally[1].index_add_(0, targets, hits)
+
+    def result(self, ctx: DistContext) -> dict:
+        tally = self.tally
+        if ctx.distributed:
+            size = 0 if tally is None else tally.shape[1]
+            size = int(ctx.all_reduce(torch.tensor([size], dtype=torch.float64, device=self.device), "max").item())
+            tally = torch.zeros(2, size, dtype=torch.float64, device=self.device) if tally is None else tally
+            tally = ctx.all_reduce(tally)
+        if tally is None:
+            return {"balanced_acc": 0.0}
+        present = tally[0] > 0
+        recall = tally[1][present] / tally[0][present]
+        return {"balanced_acc": 100 * recall.mean().item() if recall.numel() else 0.0}
+
+
+@dataclass
 class Confusion:
     """The confusion matrix (true class x predicted class), for `xception eval --report`."""
     num_classes: int
@@ -225,11 +261,11 @@ class Confusion:
 @torch.no_grad()
 def evaluate(model, loader, ctx: DistContext, precision: Precision, channels_last: bool, extra=(),
              progress=None) -> dict:
-    """Loss, top-1, top-5 and image count over the whole split, plus each `extra` metric's result
-    (e.g. Confusion). Each process sums over its own share, then the sums are added across processes once,
+    """Loss, top-1, top-5, balanced accuracy and image count over the whole split, plus each `extra` metric's
+    result (e.g. Confusion). Each process sums over its own share, then the sums are added across processes once,
     so every sample counts exactly once and no rank waits alone. `model` may be an OnnxModel too."""
     model.eval()
-    metrics = [TopK(ctx.device), *extra]
+    metrics = [TopK(ctx.device), ClassRecall(ctx.device), *extra]
     for i, (images, targets) in enumerate(loader):
         images = to_device(images, ctx.device, channels_last)
         targets = targets.to(ctx.device, non_blocking=True)

@@ -6,6 +6,7 @@ it ends where --epochs ends and a resume continues it exactly (its state is in t
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -57,3 +58,19 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int):
         return after
     linear = LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup)
     return SequentialLR(optimizer, [linear, after], milestones=[warmup])
+
+
+def continue_schedule(optimizer, cfg, steps_per_epoch: int, done: int):
+    """The schedule of `cfg` as if the run had started with it, positioned after `done` optimizer steps: for
+    a resume whose schedule settings (--epochs, --lr, ...) differ from its checkpoint's. The LR goes to the
+    new schedule's value at that step (raising --epochs after a cosine ended: back up to where the longer
+    cosine is at that step, then down to zero at the new end)."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+        group.pop("initial_lr", None)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer": on purpose here
+        for _ in range(done):
+            scheduler.step()
+    return scheduler

@@ -35,12 +35,16 @@ def _preview(names) -> str:
 
 class Run:
     """Everything a training or evaluation run holds besides the model; built once from the config.
-    `cfg` is the resolved copy: image size, crop and seed filled in, agreed by every rank."""
+    `cfg` is the resolved copy: image size, crop and seed filled in, agreed by every rank. `settle(cfg, ctx,
+    log)`, when given, may change the settings once the processes are up and before anything is built from
+    them (a resume takes the settings not given from its checkpoint)."""
 
-    def __init__(self, cfg: Config, need_train: bool, kind: str):
+    def __init__(self, cfg: Config, need_train: bool, kind: str, settle=None):
         self.ctx = setup(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic)
         cfg.validate(self.ctx.world_size)
         self.log = print if self.ctx.is_main else (lambda *a, **k: None)
+        if settle is not None:
+            cfg = settle(cfg, self.ctx, self.log)
         self.cfg = cfg.replace(seed=self._agreed_seed(cfg.seed), image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
                                crop_pct=cfg.crop_pct or DEFAULT_CROP_PCT)
         on_main(self.ctx, check_output_dir, cfg.output_dir)  # only rank 0 writes there; all hear of a failure

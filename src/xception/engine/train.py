@@ -13,17 +13,19 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint, unwrap
-from ..config import BEST_NAME, CHECKPOINT_NAME, METRICS_NAME, Config, UserError
+from ..config import BEST_NAME, CHECKPOINT_NAME, Config, UserError
 from ..files import WriteError, copy_atomic
 from ..model.weights import build_model, from_checkpoint, load_into, read_weights
 from ..recipes import describe
-from ..report import FAULT_COLUMNS, read_metrics
+from ..report import FAULT_COLUMNS
 from ..runtime import broadcast_buffers, gather_rng, on_main
-from .hooks import Diverged, HeadOnly, Preempted, StepGuard, resume_position
+from .hooks import Diverged, HeadOnly, Preempted, StepGuard
 from .ema import Ema
+from .loss import build_criterion
 from .loop import EpochPlan, Step, evaluate, train_one_epoch
 from .mix import build_mix
 from .optim import build_optimizer, build_scheduler
+from .resume import epoch_file, open_resume, restore
 from .setup import Run
 
 @dataclass
@@ -42,6 +44,7 @@ class Training:
     saved_path: str | None = None  # the last good checkpoint on disk: the resumed one, then ckpt_path
     saved_epoch: int = 0  # its epoch
     ema: Ema | None = None  # --ema: the weights' moving average
+    source: str = "model"  # which of the two scored higher in the last evaluation: "model" or "ema"
     kept: list = field(default_factory=list)  # --keep-checkpoints: (score, epoch) of the epoch files kept
     fps: list = field(default_factory=lambda: [0.0, 0.0])  # images and seconds over the epochs
 
@@ -49,10 +52,11 @@ class Training:
 def train(cfg: Config) -> dict:
     """Train for cfg.epochs (resuming if asked), evaluating and checkpointing after every epoch."""
     t_start = time.perf_counter()
-    run = Run(cfg, need_train=True, kind="acc")
+    opened = {}  # the checkpoint to resume, read once the processes are up
+    run = Run(cfg, need_train=True, kind="acc", settle=lambda c, ctx, log: open_resume(c, ctx, log, opened))
     t = None
     try:
-        t = _setup(run)
+        t = _setup(run, opened.get("ckpt"))
         t.guard.install()
         last = None
         for epoch in range(t.start_epoch, _end_epoch(t)):
@@ -66,20 +70,17 @@ def train(cfg: Config) -> dict:
         run.close()
 
 
-def _setup(run: Run) -> Training:
+def _setup(run: Run, ckpt: Checkpoint | None) -> Training:
     cfg, ctx, log = run.cfg, run.ctx, run.log
     ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME)
-    resume = on_main(ctx, _resume_source, cfg, ckpt_path)  # rank 0 decides: the folder may not be shared
-    run.cfg = cfg = cfg.replace(resume=resume)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # Files named on the command line are read on rank 0 and sent to the others: nodes need not share them.
-    # A checkpoint with an EMA passes on its average, the better weights to start from (as eval uses them).
+    # A checkpoint with an EMA passes on the weights its run ranked higher (as eval uses them).
     # A published name ("imagenet", "keras", "hf-hub:...") is downloaded there, or found in its cache.
-    pretrained = (on_main(ctx, read_weights, cfg.pretrained, "--pretrained", True, cfg.arch) if cfg.pretrained
+    pretrained = (on_main(ctx, read_weights, cfg.pretrained, "--pretrained", "best", cfg.arch) if cfg.pretrained
                   else None)
-    if pretrained is not None and pretrained.variant == "ema":
-        log(f"--pretrained {cfg.pretrained}: starting from the EMA weights it holds")
-    ckpt = on_main(ctx, Checkpoint.load, cfg.resume) if cfg.resume else None
+    if pretrained is not None and pretrained.variant is not None:
+        log(f"--pretrained: {pretrained.choice_note}")
     # the network: --arch, else the weights' own, else the original Xception
     arch = cfg.arch or (pretrained.arch if pretrained else None) or (ckpt.arch if ckpt else None) or "xception"
     run.cfg = cfg = cfg.replace(arch=arch)
@@ -92,16 +93,16 @@ def _setup(run: Run) -> Training:
     optimizer = build_optimizer(model, cfg, ctx.device)
     iters = _iterations(run)
     accum = cfg.grad_accum_steps
-    step = Step(model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), optimizer,
+    step = Step(model, build_criterion(run), optimizer,
                 build_scheduler(optimizer, cfg, iters // accum), run.precision, accum, cfg.clip_grad_norm,
                 build_mix(cfg, len(run.classes)))
     guard = StepGuard(ctx, run.precision.scaler is not None, cfg.max_nonfinite_steps, log, accum)
-    t = Training(run, net, step, guard, [guard, HeadOnly(model, optimizer, cfg.freeze_epochs, log)], iters, ckpt_path)
+    t = Training(run, net, step, guard, [guard, HeadOnly(model, optimizer, cfg.freeze_epochs, log, step)], iters, ckpt_path)
     if cfg.ema:
-        t.ema = Ema(net, step, cfg.ema_decay, cfg.ema_warmup, cfg.ema_every)
+        t.ema = Ema(net, step, cfg.ema_decay, cfg.ema_warmup, cfg.ema_every, cfg.ema_warmup_shape)
         t.hooks.append(t.ema)
     if ckpt is not None:
-        _resume(t, ckpt)
+        restore(t, ckpt)
     log(describe(cfg))
     log(f"training on {ctx.world_size} x {ctx.device.type} ({run.precision.name}, "
         f"{'channels_last' if run.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}), "
@@ -124,47 +125,6 @@ def _iterations(run: Run) -> int:
     return iters
 
 
-def _resume_source(cfg: Config, ckpt_path: str):
-    """The checkpoint to resume (`--resume auto`: the output folder's, if any), after refusing to overwrite
-    a checkpoint of another run."""
-    resume = cfg.resume
-    if resume == "auto":  # for restarts (torchrun --max-restarts, requeued jobs): resume if there is one
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
-    if os.path.exists(ckpt_path) and not (resume and os.path.exists(resume) and os.path.samefile(resume, ckpt_path)):
-        raise UserError(f"--output-dir {cfg.output_dir}: already holds {CHECKPOINT_NAME}; continue it "
-                        f"with --resume {ckpt_path}, or choose another --output-dir")
-    return resume
-
-
-def _resume(t: Training, ckpt: Checkpoint) -> None:
-    cfg, log = t.run.cfg, t.run.log
-    if not ckpt.resumable:
-        raise UserError(f"--resume {cfg.resume}: holds no resumable training state; use --pretrained to start "
-                        f"a new run from its weights")
-    try:
-        t.step.optimizer.load_state_dict(ckpt.optimizer)
-        t.step.scheduler.load_state_dict(ckpt.scheduler)
-        if t.run.precision.scaler is not None and ckpt.scaler:
-            t.run.precision.scaler.load_state_dict(ckpt.scaler)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"--resume {cfg.resume}: holds no resumable training state ({e}); "
-                        f"use --pretrained to start a new run from its weights")
-    if t.ema is not None and ckpt.ema is not None:
-        t.ema.load(ckpt.ema, ckpt.ema_updates)
-    elif t.ema is not None:
-        log(f"--ema: {cfg.resume} holds no average; starting one from its weights")
-    t.kept = on_main(t.run.ctx, _kept_checkpoints, cfg.output_dir, cfg.keep_checkpoints)
-    t.start_epoch, t.best_top1 = ckpt.epoch, ckpt.best_acc1
-    t.saved_path, t.saved_epoch = cfg.resume, ckpt.epoch
-    t.start_step = resume_position(ckpt, t.guard, t.run.ctx, log)
-    log(f"resumed from {cfg.resume}: epoch {t.start_epoch} done"
-        + (f" and {t.start_step} steps of epoch {t.start_epoch + 1}" if t.start_step else "")
-        + f", best top-1 {t.best_top1:.3f}")
-    if t.start_epoch >= cfg.epochs:
-        raise UserError(f"--resume {cfg.resume}: already trained {t.start_epoch} epochs; "
-                        f"raise --epochs above {t.start_epoch} to train further")
-
-
 def _end_epoch(t: Training) -> int:
     cfg = t.run.cfg
     end = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
@@ -182,7 +142,8 @@ def _checkpoint(t: Training, epoch: int, **extra) -> Checkpoint:
                       scaler=run.precision.scaler.state_dict() if run.precision.scaler else None,
                       best_acc1=t.best_top1, args=run.cfg.to_dict(), class_names=list(run.classes),
                       keras_exact=bool(getattr(t.net, "keras_exact", False)),
-                      ema=t.ema.state()[0] if t.ema else None, ema_updates=t.ema.updates if t.ema else 0, **extra)
+                      ema=t.ema.state()[0] if t.ema else None, ema_updates=t.ema.updates if t.ema else 0,
+                      best_source=t.source, **extra)
 
 
 def _fault_counts(t: Training) -> tuple:
@@ -216,7 +177,8 @@ def _epoch(t: Training, epoch: int) -> dict:
     during = int(ctx.all_reduce(torch.tensor([float(images - before[0])], dtype=torch.float64,
                                                  device=ctx.device)).item())
     row = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"], "top1": val["top1"],
-           "top5": val["top5"], "lr": t.step.lr, "images_per_sec": stats.images_per_sec,
+           "top5": val["top5"], "balanced_acc": val["balanced_acc"], "lr": t.step.lr,
+           "images_per_sec": stats.images_per_sec,
            "epoch_seconds": stats.seconds, "bad_images_skipped": run.bad_skipped + during,
            "overflow_steps_skipped": overflow - before[1]}
     score, source = val["top1"], "model"
@@ -225,12 +187,13 @@ def _epoch(t: Training, epoch: int) -> dict:
         row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         if ema["top1"] > score:
             score, source = ema["top1"], "ema"
+    t.source = source
     is_best = score > t.best_top1
     t.best_top1 = max(t.best_top1, score)
     shown = [c for c, on in zip(FAULT_COLUMNS, (cfg.skip_bad_images, run.precision.scaler is not None)) if on]
     run.report.epoch(row, tuple(shown))
     if ctx.is_main:
-        _checkpoint(t, epoch + 1, best_source=source).save(t.ckpt_path)
+        _checkpoint(t, epoch + 1).save(t.ckpt_path)
         t.saved_path, t.saved_epoch = t.ckpt_path, epoch + 1
         if is_best:
             copy_atomic(t.ckpt_path, os.path.join(cfg.output_dir, BEST_NAME))
@@ -249,10 +212,6 @@ def _evaluate(t: Training, net: nn.Module) -> dict:
     return evaluate(model, run.val_loader, run.ctx, run.precision, run.channels_last)
 
 
-def _epoch_file(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f"checkpoint-epoch{epoch}.pth.tar")
-
-
 def _keep(t: Training, score: float, epoch: int) -> None:
     """--keep-checkpoints N: keep this epoch's checkpoint under its own name while it is among the N best
     (by the better of its top-1 and its EMA's); the one it pushes out is deleted."""
@@ -261,27 +220,12 @@ def _keep(t: Training, score: float, epoch: int) -> None:
         return
     ranked = sorted(t.kept + [(score, epoch)], key=lambda se: (-se[0], se[1]))
     if (score, epoch) in ranked[:n]:
-        copy_atomic(t.ckpt_path, _epoch_file(t.run.cfg.output_dir, epoch))
+        copy_atomic(t.ckpt_path, epoch_file(t.run.cfg.output_dir, epoch))
     for _, dropped in ranked[n:]:
         if dropped != epoch:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(_epoch_file(t.run.cfg.output_dir, dropped))
+                os.remove(epoch_file(t.run.cfg.output_dir, dropped))
     t.kept = ranked[:n]
-
-
-def _kept_checkpoints(output_dir: str, n: int) -> list:
-    """At a resume: the epoch files still on disk, scored from metrics.csv, so that --keep-checkpoints
-    goes on ranking them."""
-    path = os.path.join(output_dir, METRICS_NAME)
-    if n <= 0 or not os.path.isfile(path):
-        return []
-    metrics = read_metrics(path)
-    kept = []
-    for i, epoch in enumerate(metrics["epoch"]):
-        scores = [metrics.get(k, [None] * (i + 1))[i] for k in ("top1", "ema_top1")]
-        if epoch is not None and os.path.isfile(_epoch_file(output_dir, int(epoch))):
-            kept.append((max(x for x in scores if x is not None), int(epoch)))
-    return kept
 
 
 def _save_and_stop(t: Training, epoch: int, steps_done: int) -> None:

@@ -187,13 +187,16 @@ class Opened:
     class_names: list | None
 
 
-def open_weights(path: str, image_size: int | None = None, flag: str = "--weights", raw: bool = False) -> Opened:
+def open_weights(path: str, image_size: int | None = None, flag: str = "--weights", choice: str = "best",
+                 arch: str | None = None) -> Opened:
     """Any weights file, or an .onnx graph from `xception export`, for `eval` and `predict`. A graph's
-    input size is fixed: another --image-size is refused. A checkpoint holding an EMA gives the EMA unless
-    `raw` (--raw-weights); `weights.choice_note` says which. A graph holds the weights it was exported with."""
-    path = locate(path, flag)  # a published name: downloaded, or found in the cache
+    input size is fixed: another --image-size is refused. A checkpoint holding an EMA gives the weights of
+    `choice` (weights.from_checkpoint; default the ones its run ranked higher); `weights.choice_note` says
+    which. A graph holds the weights it was exported with. A published name (model/hub.py; "imagenet" of
+    `arch`, default xception) is downloaded or found in the cache: `source` is then the local file."""
+    path = locate(path, flag, arch)
     if sniff(path, flag) != "onnx":
-        weights = read_weights(path, flag, ema=not raw)
+        weights = read_weights(path, flag, choice)
         return Opened(path, weights, None, weights.args, weights.class_names)
     graph = OnnxModel(path, flag)
     if image_size and graph.image_size and image_size != graph.image_size:

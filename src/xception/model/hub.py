@@ -11,7 +11,12 @@ become a local file (downloaded once, then read from a cache), which the ordinar
   keras' get_file checks as md5), so the md5 it publishes is what is checked, before the file enters the cache.
   XCEPTION_KERAS_BASE_URL replaces the folder URL (a mirror, or the tests' loopback server).
 - hf-hub:ORG/REPO[@REV]: any timm-style repository whose config.json names one of our architectures
-  (TIMM_ARCHS), with model.safetensors or pytorch_model.bin, at a branch, tag or commit.
+  (TIMM_ARCHS), with model.safetensors or pytorch_model.bin, at a branch, tag or commit. Its "pretrained_cfg"
+  says how the weights want their input preprocessed: its input size and crop (the test_ ones where given, as
+  timm evaluates) are honoured, as a checkpoint's saved settings are (`preprocessing_of` hands them to the
+  weights reader, whence eval, predict and export take them; --image-size/--crop-pct still win); what we cannot
+  honour (a mean or std other than 0.5, an interpolation other than bicubic, a crop mode other than center, a
+  non-square input) is refused in one line before the weights are downloaded.
 
 Every failure (no network, an offline cache miss, an HTTP error, a bad checksum) is one UserError line: what was
 tried, why it failed, and how to pass a local file instead. A spec that is not one of these names is a path:
@@ -27,7 +32,7 @@ import re
 import sys
 from importlib import resources
 
-from ..config import UserError
+from ..config import MIN_INPUT_SIZE, PIXEL_MEAN, PIXEL_STD, UserError
 
 # Our architecture -> the timm repository on the Hugging Face Hub that `--pretrained imagenet` downloads.
 HUB_REPOS = {
@@ -63,6 +68,13 @@ KERAS_MD5 = "0a58e3b7378bc2990ea3b43d5981f1f6"
 IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
+EVAL_INTERPOLATION = "bicubic"  # how data/transforms.py resizes an eval image (then a center crop)
+# The local weights files of hf-hub repositories resolved in this process -> the eval input settings their
+# config.json's pretrained_cfg gives ({"image_size", "crop_pct"}). A snapshot path belongs to one commit, so
+# the file and its config.json never part; kept so that a caller that resolves the name first and reads the
+# file later (predict) still gets them.
+_PREPROCESSING: dict = {}
+
 
 def is_name(spec: str) -> bool:
     """Whether `spec` names published weights rather than a file."""
@@ -89,9 +101,17 @@ def resolve_pretrained(spec: str, arch: str = "xception", flag: str = "--pretrai
         if not _REPO_ID.fullmatch(repo) or (at and not revision):
             raise UserError(f"{flag} {spec}: expected {HF_PREFIX}ORG/REPO or {HF_PREFIX}ORG/REPO@REVISION")
         revision = revision or None
-        ours = _hub_arch(repo, revision, spec, flag)
-        return _hub_weights(repo, revision, spec, flag), ours
+        ours, settings = _hub_config(repo, revision, spec, flag)  # refused here before a weights download
+        path = _hub_weights(repo, revision, spec, flag)
+        _PREPROCESSING[os.path.abspath(path)] = settings
+        return path, ours
     return None
+
+
+def preprocessing_of(path: str) -> dict:
+    """The eval input settings ({"image_size": N, "crop_pct": F}, either may be absent) that the pretrained_cfg
+    of the hf-hub repository whose weights file `path` is gives; {} for any other file."""
+    return dict(_PREPROCESSING.get(os.path.abspath(path), {}))
 
 
 def imagenet_class_names() -> list[str]:
@@ -109,8 +129,8 @@ def imagenet_class_names() -> list[str]:
 # --- the Hugging Face Hub ---
 
 
-def _hub_arch(repo: str, revision: str | None, spec: str, flag: str) -> str:
-    """Our architecture named by the timm config.json of `repo`."""
+def _hub_config(repo: str, revision: str | None, spec: str, flag: str) -> tuple[str, dict]:
+    """(our architecture named by the timm config.json of `repo`, the eval settings of its pretrained_cfg)."""
     path = _hub_file(repo, "config.json", revision, spec, flag)
     try:
         with open(path, encoding="utf-8") as f:
@@ -125,7 +145,53 @@ def _hub_arch(repo: str, revision: str | None, spec: str, flag: str) -> str:
     if ours is None:
         raise UserError(f"{flag} {spec}: {repo} holds a {name} model, not one of ours; its config.json must name "
                         f"one of {', '.join(sorted(TIMM_ARCHS))}")
-    return ours
+    return ours, _preprocessing(config.get("pretrained_cfg"), f"{flag} {spec}: {repo}'s config.json")
+
+
+def _preprocessing(pretrained, where: str) -> dict:
+    """{"image_size", "crop_pct"} from a timm pretrained_cfg (absent keys: nothing said, nothing taken); a
+    setting our eval transform cannot follow is a UserError, since the weights would see other inputs than the
+    ones they were trained on. `where` starts the message."""
+    if pretrained is None:
+        return {}
+    if not isinstance(pretrained, dict):
+        raise UserError(f"{where}: its \"pretrained_cfg\" is not a JSON object")
+
+    def refuse(key, value, what):
+        raise UserError(f"{where}: pretrained_cfg asks for {key} {json.dumps(value)}, which xception cannot "
+                        f"honour ({what}); these weights would be fed other inputs than they were trained on")
+
+    for key, ours in (("mean", PIXEL_MEAN), ("std", PIXEL_STD)):
+        value = pretrained.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, (int, float)) and abs(v - ours) < 1e-4 for v in values):
+            refuse(key, value, f"pixels are always normalised with mean {PIXEL_MEAN} and std {PIXEL_STD}, "
+                               f"to [-1, 1]")
+    interpolation = pretrained.get("interpolation")
+    if interpolation is not None and interpolation != EVAL_INTERPOLATION:
+        refuse("interpolation", interpolation, f"eval images are resized {EVAL_INTERPOLATION}")
+    crop_mode = pretrained.get("crop_mode")
+    if crop_mode is not None and crop_mode != "center":
+        refuse("crop_mode", crop_mode, "eval images are resized, then center-cropped")
+    settings = {}
+    size_key = "test_input_size" if pretrained.get("test_input_size") is not None else "input_size"
+    size = pretrained.get(size_key)
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size)
+                and size[0] == 3 and size[1] == size[2]):
+            refuse(size_key, size, "it takes square RGB inputs: [3, N, N]")
+        if size[1] < MIN_INPUT_SIZE:
+            refuse(size_key, size, f"the smallest input is {MIN_INPUT_SIZE} px")
+        settings["image_size"] = size[1]
+    crop_key = "test_crop_pct" if pretrained.get("test_crop_pct") is not None else "crop_pct"
+    crop = pretrained.get(crop_key)
+    if crop is not None:
+        if not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+            refuse(crop_key, crop, "a crop fraction is in (0, 1]")
+        settings["crop_pct"] = float(crop)
+    return settings
 
 
 def _hub_weights(repo: str, revision: str | None, spec: str, flag: str) -> str:

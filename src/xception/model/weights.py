@@ -22,7 +22,7 @@ from ..config import UserError, check_file
 from . import ports
 from .backbone import Backbone, check_backbone_args
 from .family import ARCH_NAMES, arch_info, arch_of_state_dict, build_arch
-from .hub import resolve_pretrained
+from .hub import preprocessing_of, resolve_pretrained
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -40,6 +40,7 @@ class Weights:
     # Our checkpoints that hold an EMA next to the trained weights: which of the two `state` is, "ema" or
     # "model". None: the file holds one set of weights, so there was nothing to choose.
     variant: str | None = None
+    forced: bool = False  # the variant was asked for by a flag (--raw-weights, --ema-weights), not the run's choice
     arch: str = "xception"  # which net of family.ARCHS the tensors belong to
 
     @property
@@ -51,11 +52,29 @@ class Weights:
     def choice_note(self) -> str | None:
         """The line eval/predict/export/average print when the file offered a choice of weights (so that a
         result is never silently the EMA's); None when it did not."""
+        if self.variant is None:
+            return None
+        if self.forced:
+            return (f"using the EMA weights of {self.source} (--ema-weights), not its trained ones"
+                    if self.variant == "ema" else
+                    f"using the trained weights of {self.source} (--raw-weights), not the EMA it also holds")
         if self.variant == "ema":
-            return f"using the EMA weights of {self.source} (--raw-weights for the trained ones)"
-        if self.variant == "model":
-            return f"using the trained weights of {self.source} (--raw-weights), not the EMA it also holds"
-        return None
+            return (f"using the EMA weights of {self.source}: they scored higher than the trained ones in the "
+                    f"run's evaluation (--raw-weights for the trained ones)")
+        return (f"using the trained weights of {self.source}: they scored at least as high as the EMA it also "
+                f"holds in the run's evaluation (--ema-weights for the EMA)")
+
+
+WEIGHT_CHOICES = ("best", "model", "ema")
+
+
+def weights_choice(raw: bool, ema: bool) -> str:
+    """From --raw-weights / --ema-weights: "model", "ema", or "best" (neither: the weights that the run's own
+    evaluation ranked higher, which is what model_best's best_acc1 measured)."""
+    if raw and ema:
+        raise UserError("--raw-weights and --ema-weights: give one of them (or neither: the weights the run's "
+                        "evaluation ranked higher)")
+    return "model" if raw else "ema" if ema else "best"
 
 
 def sniff(path: str, flag: str = "--weights") -> str:
@@ -82,11 +101,20 @@ def locate(path: str, flag: str = "--weights", arch: str | None = None) -> str:
     return path if resolved is None else resolved[0]
 
 
-def read_weights(path: str, flag: str = "--weights", ema: bool = False, arch: str | None = None) -> Weights:
-    """The weights of any file we read, or of a published name (`locate`). `ema`: where our checkpoint holds
-    an EMA, take it (eval, predict, export) rather than the trained weights (the default: a resume
-    continues those)."""
+def read_weights(path: str, flag: str = "--weights", choice: str = "model", arch: str | None = None) -> Weights:
+    """The weights of any file we read, or of a published name (`locate`). `choice` (see from_checkpoint):
+    which weights of our checkpoint that holds an EMA next to the trained ones. The weights of an hf-hub
+    repository carry the input size and crop of its pretrained_cfg in `args`, as a checkpoint carries its
+    run's (eval_settings reads them there); settings the file itself holds win."""
     path = locate(path, flag, arch)
+    weights = _read_file(path, flag, choice)
+    published = {k: v for k, v in preprocessing_of(path).items() if weights.args.get(k) is None}
+    if published:
+        weights.args = {**weights.args, **published}
+    return weights
+
+
+def _read_file(path: str, flag: str, choice: str) -> Weights:
     kind = sniff(path, flag)
     if kind == "hdf5":
         state, origin = ports.read_keras_h5(path, flag)
@@ -96,7 +124,7 @@ def read_weights(path: str, flag: str = "--weights", ema: bool = False, arch: st
                         f"give the checkpoint it was exported from")
     obj = _read_safetensors(path, flag) if kind == "safetensors" else load_file(path, flag=flag)
     if is_checkpoint(obj):
-        return from_checkpoint(Checkpoint.from_dict(obj, f"{flag} {path}"), path, ema=ema)
+        return from_checkpoint(Checkpoint.from_dict(obj, f"{flag} {path}"), path, choice)
     state = obj.get("state_dict", obj.get("model", obj))  # a bare state dict, or one inside a dict
     if not is_state_dict(state):
         raise UserError(f"{flag} {path}: the file holds no model state dict")
@@ -115,19 +143,25 @@ def _read_safetensors(path: str, flag: str) -> dict:
         raise UserError(f"{flag} {path}: not a readable safetensors file ({type(e).__name__})")
 
 
-def from_checkpoint(ckpt: Checkpoint, source: str, ema: bool = False) -> Weights:
-    """The checkpoint's weights: its EMA when `ema` and it has one, else the trained weights. The default is
-    the trained weights because resuming a run must continue those, never the average."""
+def from_checkpoint(ckpt: Checkpoint, source: str, choice: str = "model") -> Weights:
+    """The checkpoint's weights where it holds an EMA too: `choice` "model" (the default: a resume must
+    continue the trained weights, never the average), "ema", or "best": the ones the run's evaluation of that
+    epoch ranked higher (`best_source`; model_best's best_acc1 is their top-1), for eval, predict, export,
+    average and --pretrained."""
+    if choice not in WEIGHT_CHOICES:
+        raise ValueError(f"choice must be one of {WEIGHT_CHOICES}, got {choice!r}")
     if ckpt.ema is None:
         state, variant = ckpt.model, None
     else:
-        state, variant = (ckpt.ema, "ema") if ema else (ckpt.model, "model")
+        variant = ckpt.best_source if choice == "best" else choice
+        state = ckpt.ema if variant == "ema" else ckpt.model
     arch = ckpt.arch
     if (arch == "xception") != any(k.startswith("entry_flow.") for k in state):
         # The tensors contradict the recorded arch (a writer that left it at its default): they win.
         arch = arch_of_state_dict(state) or arch
     return Weights(dict(state), "xception", source, keras_exact=ckpt.keras_exact, origin={k: k for k in state},
-                   class_names=ckpt.class_names, args=ckpt.args, variant=variant, arch=arch)
+                   class_names=ckpt.class_names, args=ckpt.args, variant=variant, arch=arch,
+                   forced=choice != "best")
 
 
 def from_state_dict(state: dict, source: str) -> Weights:
@@ -232,8 +266,7 @@ def build_model(weights: Weights | None, num_classes: int | None = None, drop_ra
 
 def create_model(arch: str | None = None, num_classes: int | None = None, weights: str | None = None,
                  drop_rate: float = 0.0, keras_exact: bool | None = None, log=print,
-                 pretrained: str | None = None, features_only: bool = False, out_indices=None,
-                 output_stride: int = 32) -> nn.Module:
+                 pretrained: str | None = None, **backbone) -> nn.Module:
     """Build `arch` (one of ARCH_NAMES; None: the weights' arch, else "xception") and optionally load
     `weights` (or its other name `pretrained`): one of our checkpoints, a timm/Cadene legacy_xception or timm
     aligned Xception .pth or .safetensors file, a Keras .h5 file, or a published name ("imagenet": the
@@ -244,10 +277,15 @@ def create_model(arch: str | None = None, num_classes: int | None = None, weight
     classifier is loaded and the classifier keeps its fresh initialisation; `log` says so. `num_classes`
     None takes the file's. `keras_exact` None picks the Keras numerics exactly for Keras weights.
 
-    `features_only`: a `Backbone` (backbone.py) instead, returning the feature maps of `out_indices` (default
-    all: strides 2, 4, 8, 16, 32) with the classifier dropped after loading; `output_stride` 16 or 8 dilates
-    its last stages instead of striding (backbone only: a classifier keeps 32).
+    `backbone` keywords: `features_only=True` gives a `Backbone` (backbone.py) instead, returning the feature
+    maps of `out_indices` (default all: strides 2, 4, 8, 16, 32) with the classifier dropped after loading;
+    `output_stride=16` or 8 dilates its last stages instead of striding (backbone only: a classifier keeps 32).
     """
+    unknown = sorted(set(backbone) - {"features_only", "out_indices", "output_stride"})
+    if unknown:
+        raise TypeError(f"create_model() got an unexpected keyword argument {unknown[0]!r}")
+    features_only = bool(backbone.get("features_only", False))
+    out_indices, output_stride = backbone.get("out_indices"), backbone.get("output_stride", 32)
     if arch is not None:
         arch_info(arch)  # an unknown name is refused before any file is read
     indices = check_backbone_args(out_indices, output_stride)
@@ -255,7 +293,7 @@ def create_model(arch: str | None = None, num_classes: int | None = None, weight
         raise UserError(f"output_stride and out_indices are for a backbone: pass features_only=True "
                         f"(a classifier has output stride 32)")
     weights = weights or pretrained
-    loaded = read_weights(weights, "weights", ema=True, arch=arch) if weights is not None else None
+    loaded = read_weights(weights, "weights", choice="best", arch=arch) if weights is not None else None
     if loaded is not None and arch is not None and arch != loaded.arch:
         raise UserError(f"{weights} holds {loaded.arch} weights; pass arch={loaded.arch!r} or other weights")
     model = build_model(loaded, num_classes, drop_rate, keras_exact, log, arch=arch)

@@ -1,8 +1,9 @@
 """`xception average CKPT... -o OUT`: one checkpoint holding the mean of several checkpoints' weights and
 BatchNorm buffers (weight averaging of, e.g., a run's last few kept epochs), for eval, predict and export.
 
-What is averaged: of each input, the weights `xception eval` would use, i.e. its EMA where it holds one and
-its trained weights otherwise (--raw-weights: always the trained weights); a line per input says which.
+What is averaged: of each input, the weights `xception eval` would use, i.e. of an input that holds an EMA
+too, the ones its run's evaluation ranked higher (--raw-weights: always the trained weights, --ema-weights:
+always the EMA); a line per input says which.
 Floating-point tensors are summed in float64, divided by the count and cast back to their dtype, so the
 mean does not depend on the order of the inputs beyond float64 rounding, and one input comes back bitwise
 (x -> float64 -> / 1 -> x is exact). Integer tensors are counters (BatchNorm's num_batches_tracked): a mean
@@ -23,7 +24,8 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..config import UserError
-from ..model.weights import Weights, from_checkpoint
+from ..model.hub import is_name
+from ..model.weights import Weights, from_checkpoint, weights_choice
 
 FLAG = "checkpoint"  # how an input is named in messages: "checkpoint PATH: no such file"
 
@@ -74,17 +76,22 @@ def _start(state: dict) -> dict:
     return {k: v.to(torch.float64, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
-def average(paths: list, out: str, raw: bool = False, log=print) -> Checkpoint:
+def average(paths: list, out: str, choice: str = "best", log=print) -> Checkpoint:
     """Write the mean of `paths`' weights to `out` and return it. Inputs are read one at a time, so memory
     holds one checkpoint and the float64 sums, whatever the count."""
     if not paths:
         raise UserError("xception average needs at least one checkpoint")
+    for path in paths:  # a published name is one network's weights, not checkpoints of one run to average
+        if is_name(path):
+            raise UserError(f"{FLAG} {path}: published weights by name are not checkpoints of ours; xception "
+                            f"average takes checkpoints of one network and class list (e.g. a run's kept epochs): "
+                            f"train from {path} with --pretrained {path} and average that run's checkpoints")
     _check_out(out)
     first = ref = sums = None
     epoch = 0
     for path in paths:
         ckpt = Checkpoint.load(path, FLAG)
-        weights: Weights = from_checkpoint(ckpt, path, ema=not raw)
+        weights: Weights = from_checkpoint(ckpt, path, choice)
         if first is None:
             # keep of the first input only what the result needs: not its optimizer state, not its tensors
             # (meta tensors carry their names, shapes and dtypes)
@@ -110,5 +117,5 @@ def average(paths: list, out: str, raw: bool = False, log=print) -> Checkpoint:
 
 
 def run(args) -> int:
-    average(args.checkpoints, args.out, raw=args.raw_weights)
+    average(args.checkpoints, args.out, choice=weights_choice(args.raw_weights, args.ema_weights))
     return 0

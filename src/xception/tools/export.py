@@ -1,6 +1,9 @@
 """`xception export`: a deployable graph (ONNX or TorchScript) with BatchNorm folded into the convolutions,
 verified against PyTorch before it is put in place (model/deploy.py holds the writers and the check). A
-checkpoint holding an EMA is exported with it unless --raw-weights."""
+checkpoint holding an EMA is exported with the weights its run ranked higher (--raw-weights, --ema-weights
+choose). --weights also takes a published name (model/hub.py: imagenet, keras, hf-hub:ORG/REPO[@REV]),
+downloaded or found in the cache; an hf-hub repository's input size and crop (its pretrained_cfg) become the
+graph's, as a checkpoint's own do."""
 
 from __future__ import annotations
 
@@ -12,15 +15,15 @@ from ..config import DEFAULT_OPSET, MIN_INPUT_SIZE, UserError
 from ..files import WriteError
 from ..model.deploy import (ATOL, RTOL, VERIFY_BATCHES, fold_batchnorm, metadata, verify,
                             write_onnx, write_torchscript)
-from ..model.weights import build_model, eval_settings, read_weights
+from ..model.weights import build_model, eval_settings, read_weights, weights_choice
 
 
 def export(weights: str, fmt: str, out: str, static_batch: int | None = None, opset: int = DEFAULT_OPSET,
-           image_size: int | None = None, log=print, raw: bool = False) -> float:
+           image_size: int | None = None, log=print, choice: str = "best") -> float:
     """Write the graph to `out` (via a temporary file, renamed once verified). Returns the max error.
     ONNX takes any batch size unless `static_batch` fixes it (for runtimes that want fixed shapes).
-    `raw`: the trained weights even where the checkpoint holds an EMA (default: the EMA)."""
-    loaded = read_weights(weights, ema=not raw)
+    `choice`: which weights of a checkpoint that holds an EMA too (weights.from_checkpoint)."""
+    loaded = read_weights(weights, choice=choice)
     if loaded.choice_note:
         log(loaded.choice_note)
     model = build_model(loaded, log=log).eval()
@@ -64,5 +67,5 @@ def run(args) -> int:
     if args.static_batch is not None and (args.static_batch < 1 or args.format != "onnx"):
         raise UserError(f"--static-batch {args.static_batch}: a positive batch size, for --format onnx only")
     export(args.weights, args.format, args.out, args.static_batch, args.opset, args.image_size,
-           raw=args.raw_weights)
+           choice=weights_choice(args.raw_weights, args.ema_weights))
     return 0

@@ -4,7 +4,8 @@ The eval transform is the one the weights were trained with (the checkpoint's sa
 crop_pct; an exported graph's metadata; the model's defaults for foreign weights), with the EXIF orientation
 honoured. Folders are searched recursively and batched. A file that cannot be read is reported and
 skipped. Weights may be any format `create_model` reads, or an .onnx file from `xception export`; a
-checkpoint holding an EMA predicts with it unless --raw-weights (a line on stderr says which). The weights may
+checkpoint holding an EMA too predicts with the weights its run ranked higher unless --raw-weights or
+--ema-weights (a line on stderr says which). The weights may
 also be a name of published weights (model/hub.py): `imagenet` (timm's legacy_xception.tf_in1k from the Hugging
 Face Hub), `keras` (the author's Keras .h5) or `hf-hub:ORG/REPO[@REV]`, downloaded once into the usual caches;
 `xception predict IMAGE --pretrained imagenet` needs no checkpoint of ours. Weights of 1000 classes that carry no
@@ -27,7 +28,7 @@ from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
 from ..model.deploy import open_weights
 from ..model.hub import imagenet_class_names
-from ..model.weights import build_model, eval_settings, locate
+from ..model.weights import build_model, eval_settings, locate, weights_choice
 from ..report import Progress
 from ..runtime import resolve_device
 
@@ -40,7 +41,7 @@ class PredictOptions:
     image_size: int | None = None  # None: the weights' own
     crop_pct: float | None = None
     device: str = "auto"
-    raw_weights: bool = False  # the trained weights even where the checkpoint holds an EMA
+    weights_choice: str = "best"  # of a checkpoint holding an EMA too: best (its run's choice), model or ema
 
     def check(self) -> None:
         if self.topk < 1:
@@ -102,11 +103,12 @@ def _collate(items):
 
 def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tuple:
     """(callable on normalised float batches -> logits, class names, image_size, crop_pct)."""
-    opened = open_weights(weights, opts.image_size, raw=opts.raw_weights)
+    opened = open_weights(weights, opts.image_size, choice=opts.weights_choice)
     if opened.graph is not None:
         model, num = opened.graph, opened.graph.num_outputs()
-        if opts.raw_weights:
-            log(f"note: --raw-weights does not apply to {weights}: a graph holds the weights it was exported with")
+        if opts.weights_choice != "best":
+            log(f"note: --raw-weights/--ema-weights do not apply to {weights}: a graph holds the weights it was "
+                f"exported with")
     else:
         if opened.weights.choice_note:
             log(opened.weights.choice_note)
@@ -164,7 +166,7 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
 
 def run(args) -> int:
     opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device,
-                          args.raw_weights)
+                          weights_choice(args.raw_weights, args.ema_weights))
     if (args.weights is None) == (args.pretrained is None):
         raise UserError("give the weights once: --weights PATH or --pretrained NAME|PATH (NAME: imagenet, keras, "
                         f"hf-hub:ORG/REPO[@REV]){', not both' if args.weights else ''}")

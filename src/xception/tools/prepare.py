@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..config import ShardSettings, UserError
 from ..data.check import default_workers, reason
 from ..data.folder import scan_dataset
+from ..data.listfile import is_list_file, read_list_file
 from ..data.shards import FORMAT, INDEX
 from ..data.transforms import load_rgb
 from ..files import WriteError, show, write_text
@@ -105,7 +106,7 @@ def prepare(data_path: str, out: str, settings: ShardSettings = ShardSettings(),
             skip_bad: bool = False, log=print) -> dict:
     """Write (or finish writing) the shards of data_path into out; returns the index."""
     settings.check()
-    train, val = scan_dataset(data_path)
+    train, val = read_list_file(data_path) if is_list_file(data_path) else scan_dataset(data_path)
     os.makedirs(out, exist_ok=True)
     header = {"format": FORMAT, "classes": train.classes, **asdict(settings),
               "source": {name: len(s.samples) for name, s in (("train", train), ("val", val))}}
