@@ -13,18 +13,21 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_image_folder(root, classes=("cat", "dog", "fox"), n_train=4, n_val=3, size=(80, 72), seed=0):
-    """DATA/{train,val}/<class>/<n>.{jpg,png}: each class a distinct colour plus noise, so it is learnable."""
+def make_image_folder(root, classes=("cat", "dog", "fox"), n_train=4, n_val=3, size=(80, 72), seed=0,
+                      exts=("jpg", "png")):
+    """DATA/{train,val}/<class>/<n>.{jpg,png}: each class a distinct colour plus noise, so it is learnable.
+    `n_train`/`n_val`: images per class, or a sequence of per-class counts (skewed sets)."""
     rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, name in enumerate(classes):
+    for split, n_split in (("train", n_train), ("val", n_val)):
+        counts = [n_split] * len(classes) if isinstance(n_split, int) else list(n_split)
+        for c, (name, n) in enumerate(zip(classes, counts)):
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
                 base = np.zeros((size[1], size[0], 3), np.uint8)
                 base[..., c % 3] = 200
                 img = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
-                ext = "jpg" if i % 2 == 0 else "png"
+                ext = exts[i % len(exts)]
                 Image.fromarray(img).save(os.path.join(folder, f"{i}.{ext}"))
     return str(root)
 

@@ -1,13 +1,11 @@
 """Skewed classes: --class-weights (balanced or a FILE), --sampler balanced, and the balanced accuracy of
 every evaluation (metrics.csv's balanced_acc, the epoch line, `xception eval`)."""
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -22,19 +20,10 @@ from xception.report import METRICS_FIELDS, epoch_line, read_metrics as report_m
 
 
 def make_skewed_folder(root, train_counts=(40, 2), n_val=10, size=(80, 72), seed=0):
-    """DATA/{train,val}/c<i>/: class i has train_counts[i] train and n_val val images, coloured as
-    conftest's make_image_folder colours its classes (channel i % 3 at 200, plus noise)."""
-    rng = np.random.default_rng(seed)
-    for split, counts in (("train", train_counts), ("val", [n_val] * len(train_counts))):
-        for c, n in enumerate(counts):
-            folder = os.path.join(root, split, f"c{c}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(n):
-                base = np.zeros((size[1], size[0], 3), np.uint8)
-                base[..., c % 3] = 200
-                img = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
-    return str(root)
+    """DATA/{train,val}/c<i>/<n>.png: class i has train_counts[i] train and n_val val images, coloured as
+    make_image_folder colours its classes (channel i % 3 at 200, plus noise)."""
+    classes = [f"c{c}" for c in range(len(train_counts))]
+    return make_image_folder(root, classes, train_counts, n_val, size, seed, exts=("png",))
 
 
 def _fake_run(tmp_path, counts=(9, 3), **cfg):

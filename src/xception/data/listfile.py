@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import UserError
+from ..config import UserError, check_file
 from ..files import show
 from .folder import Split
 
@@ -56,10 +56,7 @@ def _check_label(file: str, number: int, label: str) -> str:
 
 
 def _open_text(path: str, flag: str):
-    if not os.path.exists(path):
-        raise UserError(f"{flag} {show(path)}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {show(path)}: is a folder; give a list file")
+    check_file(path, flag, "a list file")
     return open(path, newline="", encoding="utf-8-sig")  # utf-8-sig: a spreadsheet's byte-order mark is dropped
 
 
