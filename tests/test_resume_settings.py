@@ -9,21 +9,24 @@ import pytest
 import torch
 
 from conftest import TINY, one_line_error, read_metrics, run_cli
+from xception.cli import main
 from xception.config import Config
 from xception.engine.optim import build_optimizer, build_scheduler, continue_schedule
 
 pytestmark = pytest.mark.slow
 
 
-def _eval_top1(data, weights, out, *flags):
-    proc = run_cli("eval", "--data_path", data, "--weights", weights, "--workers", 0, "--batch-size", 9,
-                   "--output-dir", out, "--no-check-data", *flags)
-    assert proc.returncode == 0, proc.stderr
-    line = next(line for line in proc.stdout.splitlines() if " images: loss " in line)
-    return float(line.split("top1 ")[1].split()[0]), proc.stdout
+def _eval_top1(capsys, data, weights, out, *flags):
+    """`xception eval` in this process (no interpreter start per call): (top-1, stdout)."""
+    argv = ["eval", "--data_path", data, "--weights", weights, "--workers", 0, "--batch-size", 9, "--output-dir",
+            out, "--no-check-data", *flags]
+    assert main([str(a) for a in argv]) == 0
+    stdout = capsys.readouterr().out
+    line = next(line for line in stdout.splitlines() if " images: loss " in line)
+    return float(line.split("top1 ")[1].split()[0]), stdout
 
 
-def test_eval_of_model_best_reproduces_best_acc1_with_the_weights_the_run_chose(shared_data, tmp_path):
+def test_eval_of_model_best_reproduces_best_acc1_with_the_weights_the_run_chose(shared_data, tmp_path, capsys):
     # An EMA with decay 0.9999 barely leaves the initial weights in 9 steps: the two sets of weights differ.
     out = tmp_path / "run"
     proc = run_cli("train", "--data_path", shared_data, "--epochs", 3, "--output-dir", out, *TINY,
@@ -37,16 +40,16 @@ def test_eval_of_model_best_reproduces_best_acc1_with_the_weights_the_run_chose(
     assert best["epoch"] == int(best_row["epoch"]) and best["best_source"] == source
     assert best["best_acc1"] == pytest.approx(max(float(best_row["top1"]), float(best_row["ema_top1"])), abs=1e-3)
 
-    top1, stdout = _eval_top1(shared_data, out / "model_best.pth.tar", tmp_path / "e1")
+    top1, stdout = _eval_top1(capsys, shared_data, out / "model_best.pth.tar", tmp_path / "e1")
     assert top1 == pytest.approx(best["best_acc1"], abs=1e-3)
     assert ("using the EMA weights" if source == "ema" else "using the trained weights") in stdout
     # each flag takes its set, whose top-1 the run recorded for that epoch
-    raw, _ = _eval_top1(shared_data, out / "model_best.pth.tar", tmp_path / "e2", "--raw-weights")
-    ema, stdout = _eval_top1(shared_data, out / "model_best.pth.tar", tmp_path / "e3", "--ema-weights")
+    raw, _ = _eval_top1(capsys, shared_data, out / "model_best.pth.tar", tmp_path / "e2", "--raw-weights")
+    ema, stdout = _eval_top1(capsys, shared_data, out / "model_best.pth.tar", tmp_path / "e3", "--ema-weights")
     assert raw == pytest.approx(float(best_row["top1"]), abs=1e-3) and "(--ema-weights)" in stdout
     assert ema == pytest.approx(float(best_row["ema_top1"]), abs=1e-3)
     # the last epoch's checkpoint: the better of that epoch's two
-    last, _ = _eval_top1(shared_data, out / "checkpoint.pth.tar", tmp_path / "e4")
+    last, _ = _eval_top1(capsys, shared_data, out / "checkpoint.pth.tar", tmp_path / "e4")
     assert last == pytest.approx(max(float(rows[-1]["top1"]), float(rows[-1]["ema_top1"])), abs=1e-3)
     both = run_cli("eval", "--data_path", shared_data, "--weights", out / "model_best.pth.tar", "--raw-weights",
                    "--ema-weights", "--output-dir", tmp_path / "e5")
