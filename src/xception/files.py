@@ -26,6 +26,16 @@ def show(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def make_folder(path: str, flag: str) -> None:
+    """Create the folder `flag` names (and its parents) if needed; refuse one that cannot be written to."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {show(path)}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {show(path)}: not writable; choose a folder you can write to")
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

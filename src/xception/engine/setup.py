@@ -4,7 +4,6 @@ torch.compile)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import torch
@@ -13,19 +12,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, Config, UserError, derive_seed
 from ..data import build_loaders
+from ..files import make_folder
 from ..model.deploy import compile_frozen
 from ..report import Reporter
 from ..runtime import cleanup, convert_sync_batchnorm, default_channels_last, on_main, setup
 from .precision import make_precision
-
-
-def check_output_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {path}: cannot create it ({e.strerror})")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {path}: not writable; choose a folder you can write to")
 
 
 def _preview(names) -> str:
@@ -47,7 +38,7 @@ class Run:
             cfg = settle(cfg, self.ctx, self.log)
         self.cfg = cfg.replace(seed=self._agreed_seed(cfg.seed), image_size=cfg.image_size or DEFAULT_IMAGE_SIZE,
                                crop_pct=cfg.crop_pct or DEFAULT_CROP_PCT)
-        on_main(self.ctx, check_output_dir, cfg.output_dir)  # only rank 0 writes there; all hear of a failure
+        on_main(self.ctx, make_folder, cfg.output_dir, "--output-dir")  # only rank 0 writes there; all hear of a failure
         self.generator = torch.Generator()  # the training order and the loader workers' seeds
         loaders = build_loaders(self.cfg, self.ctx, need_train, self.generator, self.log)
         self.classes, self.train_loader, self.val_loader = loaders.classes, loaders.train, loaders.val

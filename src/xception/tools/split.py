@@ -19,7 +19,7 @@ from collections import defaultdict
 from ..config import UserError
 from ..data.folder import scan_dataset
 from ..data.listfile import Row, check_images, is_list_file, read_csv
-from ..files import show, write_text
+from ..files import make_folder, show, write_text
 
 FOLD_NAME = "fold-{}.csv"
 
@@ -95,10 +95,7 @@ def write_folds(data: str, folds: int, out: str, seed: int = 0, val_split: str =
     grouped = any(r.group for r in rows)  # a group column left blank: every image its own group
     _check_counts(rows, folds, data, grouped)
     fold_of = assign_folds(rows, folds, seed, grouped)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {show(out)}: cannot create it ({e.strerror})")
+    make_folder(out, "--out")
     paths = []
     for k in range(folds):
         held = [val_split if f == k else "train" for f in fold_of]
