@@ -99,15 +99,15 @@ def _bad(rows, case):
     if case == "only in val":
         rows[-1][1] = "wolf"
         return rows, len(rows) + 1
-    if case == "several labels":
-        rows[1][1] = "cat;dog"
-        return rows, 3
+    if case == "several labels, one only in val":
+        rows[-1][1] = "cat;wolf"
+        return rows, len(rows) + 1
     raise AssertionError(case)
 
 
 BAD_CASES = {"missing image": "no such image file", "unknown split": "unknown split 'holdout'",
              "missing split": "no split", "empty label": "empty label", "not in classes": "not in --classes",
-             "only in val": "only in val", "several labels": "several labels"}
+             "only in val": "only in val", "several labels, one only in val": "class 'wolf' is only in val"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -124,8 +124,6 @@ def test_bad_rows_are_one_line_naming_the_row(listed, tmp_path, case):
     message = str(e.value)
     assert BAD_CASES[case] in message and "\n" not in message and "bad.csv" in message
     assert f"row {number}" in message
-    if case == "several labels":
-        assert message.endswith(f"several labels (row {number}): multi-label lists are not supported yet")
 
 
 def test_missing_column_and_bad_combinations(listed, tmp_path, shared_data):
@@ -148,9 +146,10 @@ def test_missing_column_and_bad_combinations(listed, tmp_path, shared_data):
 
 def test_bad_row_through_the_cli(listed, tmp_path):
     _, rows = listed
-    path = write_csv(tmp_path / "bad.csv", _bad(rows, "several labels")[0])
+    changed, number = _bad(rows, "several labels, one only in val")
+    path = write_csv(tmp_path / "bad.csv", changed)
     line = one_line_error(run_cli("check-data", path))
-    assert "bad.csv" in line and "(row 3): multi-label lists are not supported yet" in line
+    assert f"bad.csv row {number}: class 'wolf' is only in val" in line
 
 
 # --- folds ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ METRICS_NAME = "metrics.csv"
 ARCHS = ("xception", "xception41", "xception65", "xception71", "xception41p", "xception65p")
 LOADERS = ("auto", "pil", "tv", "dali")  # input pipelines (data/__init__.py)
 SAMPLERS = ("shuffle", "balanced")  # training order of an image folder (data/loaders.py)
+LOSSES = ("ce", "bce", "asl")  # training losses (engine/loss.py): ce single-label; bce, asl multi-label
 AUTO_AUGMENT = ("ra", "ta", "aa", "augmix")  # RandAugment, TrivialAugmentWide, AutoAugment (ImageNet), AugMix
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "exponential")  # step and exponential are staircases (engine/optim.py)
@@ -37,7 +38,7 @@ RESUMED_SETTINGS = ("recipe", "seed", "epochs", "batch_size", "image_size", "cro
                     "warmup_epochs", "decay_epochs", "decay_rate", "label_smoothing", "drop_rate",
                     "clip_grad_norm", "grad_accum_steps", "ema", "ema_decay", "ema_warmup", "ema_warmup_shape", "ema_every",
                     "auto_augment", "ra_magnitude", "ra_num_ops", "random_erase", "mixup", "cutmix", "mix_prob",
-                    "mix_switch_prob", "sampler", "class_weights")
+                    "mix_switch_prob", "sampler", "class_weights", "loss", "multi_label", "threshold")
 # Of those, the ones whose change makes the optimizer's saved state unloadable (its parameter groups, its kind).
 OPTIMIZER_STATE_SETTINGS = ("opt", "wd_norm_bias")
 # Of those, the ones that define the LR schedule: a resume with another value recomputes it (engine/optim.py).
@@ -101,6 +102,8 @@ class Config:
     train_list: Optional[str] = None  # text lists of `path label` lines (data/listfile.py), instead of a folder
     val_list: Optional[str] = None
     classes_file: Optional[str] = None  # --classes: the class order of a list file, one name a line
+    # several labels per image: set by --multi-label, or by the data (a list file's `a;b` label cells)
+    multi_label: bool = False
     image_size: Optional[int] = None  # None: DEFAULT_IMAGE_SIZE, or for eval the weights' own
     crop_pct: Optional[float] = None  # None: DEFAULT_CROP_PCT, or for eval the weights' own
     crop_scale: tuple = (0.08, 1.0)
@@ -145,6 +148,8 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    loss: Optional[str] = None  # one of LOSSES; None: ce for single-label data, bce for multi-label
+    threshold: float = 0.5  # multi-label: a label is predicted when its probability exceeds this (F1, predict)
     class_weights: Optional[str] = None  # per-class loss weights: "balanced", or a FILE of `class weight` lines
     warmup_epochs: float = 0.0
     drop_rate: float = 0.0
@@ -278,6 +283,8 @@ class Config:
             (self.sampler in SAMPLERS, f"--sampler must be {', '.join(SAMPLERS)}, got {self.sampler!r}"),
             (self.class_weights is None or bool(self.class_weights.strip()),
              "--class-weights must be balanced, none or a file of `class weight` lines, got ''"),
+            (self.loss is None or self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.image_size is None or self.image_size >= MIN_INPUT_SIZE,

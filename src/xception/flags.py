@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import (ARCHS, AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, MIN_INPUT_SIZE,
-                     OPTIMIZERS, SAMPLERS, SCHEDULES, Config, ShardSettings)
+from .config import (ARCHS, AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, LOADERS, LOSSES,
+                     MIN_INPUT_SIZE, OPTIMIZERS, SAMPLERS, SCHEDULES, Config, ShardSettings)
 from .recipes import RECIPES
 
 # A setting a recipe may fill defaults to None here ("not given"); Config holds its real default.
@@ -46,6 +46,12 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", dest="classes_file", default=None, metavar="FILE",
                    help="list files: the class names in the model's output order, one a line (default: the "
                         "sorted distinct train labels)")
+    g.add_argument("--multi-label", action="store_true", default=None,
+                   help="list files: several labels per image (label cells like cat;dog, an empty cell = no "
+                        "label); implied when any label cell holds a ';'. Sigmoid outputs, metrics mAP and F1")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="multi-label: a label counts as predicted when its probability exceeds this, for F1 "
+                        "(default 0.5; eval: the checkpoint's own)")
     g.add_argument("-j", "--workers", type=_int, default=4,
                    help="data-loading worker processes in total, split over the processes (default 4)")
     g.add_argument("--image-size", type=_int, default=None,
@@ -122,6 +128,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None,
                    help=f"weight decay (default {D.weight_decay})")
     g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (default 0)")
+    g.add_argument("--loss", choices=LOSSES, default=None,
+                   help="training loss: ce = softmax cross-entropy (single-label, the default there); bce = "
+                        "sigmoid binary cross-entropy per class (multi-label, the default there); asl = the "
+                        "asymmetric loss of Ridnik et al. 2021 (multi-label; gamma- 4, gamma+ 0, clip 0.05)")
     g.add_argument("--class-weights", default=None, metavar="balanced|none|FILE",
                    help="weigh each class's training loss: balanced = n_images / (n_classes x the class's "
                         "images), from the training split; FILE = one `class weight` line per class (blank lines "
@@ -245,6 +255,9 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
                         "TORCH_HOME), or hf-hub:ORG/REPO[@REV] (a timm-style repo of one of our architectures); "
                         "give --weights or --pretrained, not both")
     p.add_argument("--topk", type=_int, default=5, metavar="K", help="classes shown per image (default 5)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="multi-label weights: print the labels whose sigmoid probability exceeds P, in (0, 1) "
+                        "(default: the threshold the run saved, else 0.5); single-label weights ignore it")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("-b", "--batch-size", type=_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("-j", "--workers", type=_int, default=0, help="image-decoding worker processes (default 0)")

@@ -28,7 +28,8 @@ def _save(fig, out: str) -> str:
 
 
 def write_curves(m: dict, title: str, out: str) -> str:
-    """Draw loss, top-1/top-5, learning rate and img/s against epoch (`m`: metrics columns) into `out`."""
+    """Draw loss, top-1/top-5 (multi-label: mAP and macro F1), learning rate and img/s against epoch (`m`:
+    metrics columns) into `out`."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -36,7 +37,8 @@ def write_curves(m: dict, title: str, out: str) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = [
         (axes[0, 0], "loss", [("train_loss", "train"), ("val_loss", "val")]),
-        (axes[0, 1], "val accuracy (%)", [("top1", "top-1"), ("top5", "top-5")]),
+        (axes[0, 1], "val score (%)", [("top1", "top-1"), ("top5", "top-5"), ("map", "mAP"),
+                                       ("f1_macro", "F1 macro")]),
         (axes[1, 0], "learning rate (end of epoch)", [("lr", "lr")]),
         (axes[1, 1], "training throughput (img/s)", [("images_per_sec", "img/s")]),
     ]
@@ -55,9 +57,10 @@ def write_curves(m: dict, title: str, out: str) -> str:
         ax.grid(True, alpha=0.3)
         if len(series) > 1:
             ax.legend()
-    best = max((v, e) for e, v in zip(epochs, m.get("top1", [])) if v is not None) if m.get("top1") else None
+    key, name = ("map", "mAP") if any(v is not None for v in m.get("map", [])) else ("top1", "top-1")
+    best = max(((v, e) for e, v in zip(epochs, m.get(key, [])) if v is not None), default=None)
     fig.suptitle(f"{title}: {len(epochs)} epoch(s)"
-                 + (f", best top-1 {best[0]:.2f}% at epoch {best[1]:.0f}" if best else ""))
+                 + (f", best {name} {best[0]:.2f}% at epoch {best[1]:.0f}" if best else ""))
     fig.tight_layout()
     return _save(fig, out)
 

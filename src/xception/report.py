@@ -17,7 +17,8 @@ from .config import METRICS_NAME, UserError
 from .files import write_text
 
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_sec", "epoch_seconds",
-                  "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5", "balanced_acc"]
+                  "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5", "balanced_acc",
+                  "map", "f1_micro", "f1_macro", "ema_map"]  # the last four: multi-label runs (in percent)
 TENSORBOARD_DIR = "tensorboard"
 CONFUSION_CSV_MAX_CLASSES = 100
 
@@ -69,12 +70,14 @@ FAULT_COLUMNS = {"bad_images_skipped": "skipped_images", "overflow_steps_skipped
 
 def epoch_line(epoch: int, epochs: int, row: dict, faults: tuple = ()) -> str:
     """The epoch's summary line; `faults`: the FAULT_COLUMNS to show (always when non-zero)."""
-    line = (f"epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"top1 {row['top1']:.3f} top5 {row['top5']:.3f}"
-            + (f" balanced_acc {row['balanced_acc']:.3f}" if row.get("balanced_acc") is not None else "")
-            + f" lr {row['lr']:.4g} img/s {row['images_per_sec']:.1f} time {row['epoch_seconds']:.1f}s")
+    scores = " ".join(f"{key} {row[key]:.3f}" for key in ("top1", "top5", "balanced_acc", "map", "f1_micro",
+                                                           "f1_macro") if row.get(key) is not None)
+    line = (f"epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} {scores}"
+            f" lr {row['lr']:.4g} img/s {row['images_per_sec']:.1f} time {row['epoch_seconds']:.1f}s")
     if row.get("ema_top1") is not None:
         line += f" ema_top1 {row['ema_top1']:.3f} ema_top5 {row['ema_top5']:.3f}"
+    if row.get("ema_map") is not None:
+        line += f" ema_map {row['ema_map']:.3f}"
     for column, label in FAULT_COLUMNS.items():
         if column in row and (column in faults or row[column]):
             line += f" {label} {row[column]}"
@@ -183,6 +186,40 @@ def write_eval_report(confusion, class_names: list, output_dir: str, title: str 
     pairs = plots.most_confused(matrix, names, 5)
     if pairs:
         log("most confused (true -> predicted): " + ", ".join(f"{t} -> {p} x{c}" for c, t, p in pairs))
+    log("report: " + ", ".join(files.values()))
+    return files
+
+
+def write_multilabel_report(scores, targets, paths: list, class_names: list, threshold: float, output_dir: str,
+                            log=print) -> dict:
+    """A multi-label evaluation's per_class.csv (positives, AP, and precision, recall and F1 of the labels
+    above `threshold`, by scikit-learn) and predictions.csv (each image's true and predicted labels and
+    every class's probability, at full float32 precision, in the split's order); logs the weakest classes."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+
+    names = [str(c) for c in class_names]
+    picked = scores > threshold
+    precision, recall, f1, positives = precision_recall_fscore_support(targets, picked, average=None,
+                                                                       zero_division=0)
+    lines = ["class,positives,ap,precision,recall,f1\n"]
+    weakest = []
+    for i, name in enumerate(names):
+        ap = 100 * float(average_precision_score(targets[:, i], scores[:, i])) if positives[i] else float("nan")
+        lines.append(_csv_line([name, int(positives[i]), f"{ap:.3f}", f"{100 * precision[i]:.3f}",
+                                f"{100 * recall[i]:.3f}", f"{100 * f1[i]:.3f}"]))
+        if positives[i]:
+            weakest.append((ap, name, int(positives[i])))
+    files = {"per_class": os.path.join(output_dir, "per_class.csv"),
+             "predictions": os.path.join(output_dir, "predictions.csv")}
+    write_text(files["per_class"], "".join(lines))
+
+    def joined(row) -> str:
+        return ";".join(n for n, on in zip(names, row) if on)
+    write_text(files["predictions"], _csv_line(["path", "labels", "predicted"] + names) + "".join(
+        _csv_line([path, joined(targets[k]), joined(picked[k])] + [f"{v:.9g}" for v in scores[k]])
+        for k, path in enumerate(paths)))
+    log("per-class AP, lowest: " + ", ".join(f"{name} {ap:.1f} ({n} positives)"
+                                             for ap, name, n in sorted(weakest)[:5]))
     log("report: " + ", ".join(files.values()))
     return files
 

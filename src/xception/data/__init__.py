@@ -34,12 +34,16 @@ class Loaders:
     train: Loader | None  # None for an evaluation
     val: Loader
     skipped: int = 0  # bad files the decode check left out before the first epoch (--skip-bad-images)
+    multi_label: bool = False  # targets are multi-hot rows (a list file with several labels per image)
 
 
 def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None = None, log=print) -> Loaders:
     """The run's loaders for cfg.data_path: an image folder (--loader tv|pil, or dali) or a shard set.
     `generator` drives the training order and the workers' seeds (the engine reseeds it every epoch)."""
     listed = read_list_splits(cfg, need_train)  # a CSV --data_path or --train-list/--val-list, else None
+    if listed is not None and listed[1].multi_label and need_train and cfg.sampler == "balanced":
+        raise UserError("--sampler balanced draws each class equally often, which needs one label per image; "
+                        "for a multi-label list use --sampler shuffle (and --loss asl against skew)")
     shard_set = bool(cfg.data_path) and is_shard_source(cfg.data_path)
     if need_train and cfg.sampler == "balanced" and (shard_set or cfg.loader == "dali"):
         raise UserError("--sampler balanced needs an image folder or a list file")
@@ -67,4 +71,5 @@ def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None 
         return FolderLoader(FolderDataset(split, build_transform(cfg, train), cfg.skip_bad_images), cfg, ctx, train, gen)
 
     train = folder_loader(train_split, True, generator or torch.Generator()) if need_train else None
-    return Loaders(val_split.classes, train, folder_loader(val_split, False, torch.Generator()), skipped)
+    return Loaders(val_split.classes, train, folder_loader(val_split, False, torch.Generator()), skipped,
+                   val_split.multi_label)

@@ -188,6 +188,8 @@ def drop_bad(split: Split, bad_paths: set) -> Split:
     keep = [p not in bad_paths for p, _ in split.samples]
     kept = [s for s, k in zip(split.samples, keep) if k]
     have = {c for _, c in kept}
+    if split.multi_label:  # a class that lost its images has no positives left: mAP leaves it out
+        have = set(range(len(split.classes)))
     lost = [name for i, name in enumerate(split.classes) if i not in have]
     if lost:
         raise UserError(f"{show(split.root)}: class folder(s) with no readable image left after skipping "

@@ -16,8 +16,9 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 class Split:
     root: str
     classes: list
-    samples: list  # (path, class index)
+    samples: list  # (path, class index), or with multi_label (path, tuple of class indices)
     groups: Optional[list] = None  # list files: each sample's group (video, patient ...), aligned with samples
+    multi_label: bool = False  # several labels per image (a list file's `a;b` cells)
 
 
 def scan_split(root: str) -> Split:

@@ -186,6 +186,9 @@ def class_names(feature, values: dict, path: str, column: str) -> tuple:
         names = sorted(set(every))
         index = {n: i for i, n in enumerate(names)}
         return names, {s: np.array([index[v] for v in vs], dtype=np.int64) for s, vs in values.items()}
+    if any(isinstance(v, (list, tuple)) for v in every):
+        raise UserError(f"--data_path {path}: column {column!r} holds several labels per row; multi-label "
+                        f"training reads list files (a CSV with `a;b` label cells), not datasets yet")
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in every):
         raise UserError(f"--data_path {path}: column {column!r} holds {feature}; labels must be a ClassLabel, "
                         f"strings or integers (name the label column with --label-column)")
@@ -243,6 +246,7 @@ class Samples:
 
 class HfSplit:
     """A split of a Hugging Face dataset in folder.Split's shape; `read(row)` gives the row's encoded image."""
+    multi_label = False  # one label per row (a Sequence of ClassLabel is refused when the labels are read)
 
     def __init__(self, path: str, part: str, classes: list, ds, column: str, targets: np.ndarray):
         self.root, self.part, self.classes, self.column = f"{show(path)} [{part}]", part, classes, column

@@ -5,7 +5,11 @@
     text     --train-list FILE --val-list FILE, one `path label` a line (blank lines and # comments skipped).
 
 Relative paths are relative to the list's own folder; with text lists and --data_path, to --data_path.
-Classes are the sorted distinct train labels, or the order of --classes FILE (one name a line). The reader
+Classes are the sorted distinct train labels, or the order of --classes FILE (one name a line).
+
+Several labels per image: a label cell `cat;dog` (names separated by `;`; an empty cell is an image with no
+label) makes the list multi-label, as --multi-label does for a list whose cells hold one name each. Its
+samples' targets are then tuples of class indices (the loader makes them multi-hot rows). The reader
 returns the same `Split`s as the folder layout, so every folder pipeline (decode check and its cache,
 --skip-bad-images, --loader tv|pil, the resumable sampler, the sharded evaluation) works unchanged. A
 mistake in a list is one line naming the file and the row (the header is row 1, as in a spreadsheet).
@@ -35,6 +39,7 @@ class Row:
     label: str
     split: str
     group: Optional[str] = None
+    names: tuple = ()  # the class names of its label cell (make_splits fills it)
 
 
 def is_list_file(path: str) -> bool:
@@ -46,13 +51,27 @@ def _error(file: str, number: int, text: str) -> UserError:
 
 
 def _check_label(file: str, number: int, label: str) -> str:
-    label = label.strip()
-    if not label:
-        raise _error(file, number, "empty label; every image needs its class name")
-    if MULTI_LABEL in label:
-        raise UserError(f"{show(file)}: label {label!r} holds several labels (row {number}): multi-label "
-                        f"lists are not supported yet")
-    return label
+    """The cell as written (stripped); whether it may be empty or hold several names is decided once the
+    whole list is read (make_splits), since one `a;b` cell anywhere makes the list multi-label."""
+    return label.strip()
+
+
+def _names(label: str) -> tuple:
+    """The class names of a multi-label cell, sorted, each once ('b;a;;b' -> ('a', 'b'))."""
+    return tuple(sorted({part.strip() for part in label.split(MULTI_LABEL) if part.strip()}))
+
+
+def label_names(rows: list, multi: bool) -> list:
+    """Each row's class names (a tuple): a multi-label cell's names, or the cell itself in a single-label
+    list, where an empty one is refused."""
+    if multi:
+        return [_names(r.label) for r in rows]
+    for r in rows:
+        if not r.label:
+            raise _error(r.file, r.number, "empty label; every image needs its class name (an image without "
+                                           "labels belongs in a multi-label list: one with a `cat;dog` cell, "
+                                           "or read with --multi-label)")
+    return [(r.label,) for r in rows]
 
 
 def _open_text(path: str, flag: str):
@@ -144,44 +163,56 @@ def check_images(rows: list) -> None:
         raise _error(first.file, first.number, f"no such image file {show(first.path)}{more}")
 
 
-def make_splits(rows: list, source: str, classes: list | None, need_train: bool, has_group: bool) -> tuple:
-    """(train, val) Splits of the rows (train None when not needed); checks labels, classes and files."""
+def make_splits(rows: list, source: str, classes: list | None, need_train: bool, has_group: bool,
+                multi: bool = False) -> tuple:
+    """(train, val) Splits of the rows (train None when not needed); checks labels, classes and files.
+    Multi-label when `multi` or when any label cell holds a ';'."""
+    multi = multi or any(MULTI_LABEL in r.label for r in rows)
     train = [r for r in rows if r.split == "train"]
     val = [r for r in rows if r.split == "val"]
     if need_train and not train:
         raise UserError(f"{show(source)}: no training images (no row with split train)")
     if not val:
         raise UserError(f"{show(source)}: no validation images (no row with split val)")
+    for r, names in zip(train + val, label_names(train + val, multi)):
+        r.names = names
     if classes is not None:
         known = set(classes)
         for r in train + val:
-            if r.label not in known:
-                raise _error(r.file, r.number, f"label {r.label!r} is not in --classes")
+            unknown = [n for n in r.names if n not in known]
+            if unknown:
+                raise _error(r.file, r.number, f"label {unknown[0]!r} is not in --classes")
     else:
-        classes = sorted({r.label for r in (train or val)})
+        classes = sorted({n for r in (train or val) for n in r.names})
     if train:
-        taught = {r.label for r in train}
+        taught = {n for r in train for n in r.names}
         for r in val:
-            if r.label not in taught:
-                raise _error(r.file, r.number, f"class {r.label!r} is only in val (no train row has it); "
+            unseen = [n for n in r.names if n not in taught]
+            if unseen:
+                raise _error(r.file, r.number, f"class {unseen[0]!r} is only in val (no train row has it); "
                                                f"add training images of it or remove the row")
-    if need_train and len(classes) < 2:
-        raise UserError(f"{show(source)}: only one class ({classes[0]}); a classifier needs at least two")
+    if need_train and len(classes) < (1 if multi else 2):
+        raise UserError(f"{show(source)}: only one class ({classes[0]}); a classifier needs at least two"
+                        if classes else f"{show(source)}: no image has a label")
     check_images((train if need_train else []) + val)
     index = {name: i for i, name in enumerate(classes)}
 
+    def target(r: Row):
+        found = tuple(index[n] for n in r.names)
+        return found if multi else found[0]
+
     def split_of(part: list) -> Split:
-        return Split(source, list(classes), [(r.path, index[r.label]) for r in part],
-                     [r.group for r in part] if has_group else None)
+        return Split(source, list(classes), [(r.path, target(r)) for r in part],
+                     [r.group for r in part] if has_group else None, multi_label=multi)
 
     return (split_of(train) if need_train else None), split_of(val)
 
 
-def read_list_file(file: str, need_train: bool = True, classes_file: str | None = None) -> tuple:
+def read_list_file(file: str, need_train: bool = True, classes_file: str | None = None, multi: bool = False) -> tuple:
     """(train, val) Splits of a CSV list file (train None when not needed)."""
     rows, has_group = read_csv(file)
     classes = read_classes(classes_file) if classes_file else None
-    return make_splits(rows, file, classes, need_train, has_group)
+    return make_splits(rows, file, classes, need_train, has_group, multi)
 
 
 def read_list_splits(cfg, need_train: bool):
@@ -189,6 +220,9 @@ def read_list_splits(cfg, need_train: bool):
     else None (an image folder or shard set: the caller's business)."""
     text = bool(cfg.train_list or cfg.val_list)
     if not text and not is_list_file(cfg.data_path):
+        if cfg.multi_label:
+            raise UserError("--multi-label reads a list file (a CSV --data_path, or --train-list and --val-list) "
+                            "whose label cells name several classes, like cat;dog")
         if cfg.classes_file:
             raise UserError("--classes orders the classes of a list file (a CSV --data_path, or --train-list "
                             "and --val-list); an image folder's classes are its sub-folders, a shard set's "
@@ -200,7 +234,7 @@ def read_list_splits(cfg, need_train: bool):
     if cfg.loader == "dali":
         raise UserError("--loader dali reads image folders; for a list file use --loader tv or pil")
     if not text:
-        return read_list_file(cfg.data_path, need_train, cfg.classes_file)
+        return read_list_file(cfg.data_path, need_train, cfg.classes_file, cfg.multi_label)
     if is_list_file(cfg.data_path):
         raise UserError("--data_path is a CSV list file: give it or --train-list/--val-list, not both")
     if not cfg.val_list or (need_train and not cfg.train_list):
@@ -213,4 +247,4 @@ def read_list_splits(cfg, need_train: bool):
     if cfg.train_list:
         rows = read_text_list(cfg.train_list, "train", "--train-list", root) + rows
     classes = read_classes(cfg.classes_file) if cfg.classes_file else None
-    return make_splits(rows, cfg.train_list or cfg.val_list, classes, need_train, False)
+    return make_splits(rows, cfg.train_list or cfg.val_list, classes, need_train, False, cfg.multi_label)

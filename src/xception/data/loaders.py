@@ -29,7 +29,8 @@ class Loader:
     """An epoch's batches on one process, as the engine sees them:
 
     * iterating yields (images, targets): images uint8, N x 3 x H x W (NHWC memory on the fast paths), on
-      the CPU or already on the device (DALI); targets int64 class indices;
+      the CPU or already on the device (DALI); targets int64 class indices, or in a multi-label run float32
+      multi-hot rows (N x classes);
     * `len()` is the number of batches this process yields in an epoch (every process the same in training);
     * `batch_size` is the per-process batch, `num_samples` the images of the split over all processes;
     * `set_epoch(epoch, start_step)` before each training epoch: the epoch's order, starting after
@@ -165,14 +166,30 @@ class EvalSampler(Sampler):
         return len(self.indices)
 
 
+def multi_hot(indices: tuple, num_classes: int) -> torch.Tensor:
+    """A multi-label sample's target: 1.0 at its classes, 0.0 elsewhere (no class: all zero)."""
+    row = torch.zeros(num_classes, dtype=torch.float32)
+    row[list(indices)] = 1.0
+    return row
+
+
+def class_counts(split: Split) -> list:
+    """Images per class (multi-label: images holding the class)."""
+    targets = [target for _, target in split.samples]
+    if split.multi_label:
+        targets = [i for labels in targets for i in labels]
+    return torch.bincount(torch.tensor(targets, dtype=torch.int64), minlength=len(split.classes)).tolist()
+
+
 class FolderDataset(Dataset):
-    """(uint8 image, class) for each sample of an image-folder split. A file that fails to load stops the
-    run with one line naming it or, with `skip_bad`, is logged, counted and replaced by the next sample
-    (so batches keep their size and the run its data order)."""
+    """(uint8 image, class) for each sample of an image-folder split (multi-label: a multi-hot row). A file
+    that fails to load stops the run with one line naming it or, with `skip_bad`, is logged, counted and
+    replaced by the next sample (so batches keep their size and the run its data order)."""
 
     def __init__(self, split: Split, transform: FileTransform, skip_bad: bool = False):
         self.split, self.transform, self.skip_bad = split, transform, skip_bad
         self.counts = torch.zeros(COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        self.num_classes = len(split.classes) if getattr(split, "multi_label", False) else None
 
     def __len__(self) -> int:
         return len(self.split.samples)
@@ -181,7 +198,8 @@ class FolderDataset(Dataset):
         for _ in range(MAX_SKIPS_IN_A_ROW):
             path, target = self.split.samples[index]
             try:
-                return self.load(path), target
+                image = self.load(path)
+                return image, (target if self.num_classes is None else multi_hot(target, self.num_classes))
             except Exception as e:  # any decoder failure; failed decides what it means
                 self.failed(path, e)
                 info = get_worker_info()
@@ -212,10 +230,9 @@ class FolderLoader(Loader):
         self.dataset, self.device, self.train = dataset, ctx.device, train
         self.batch_size, workers = per_process(cfg, ctx)
         self.num_samples = len(dataset)
-        targets = [target for _, target in dataset.split.samples]
-        self.class_counts = torch.bincount(torch.tensor(targets, dtype=torch.int64),
-                                           minlength=len(dataset.split.classes)).tolist()
+        self.class_counts = class_counts(dataset.split)
         if train and getattr(cfg, "sampler", "shuffle") == "balanced":
+            targets = [target for _, target in dataset.split.samples]
             self.sampler = BalancedSampler(targets, ctx.world_size, ctx.rank, seed=cfg.seed or 0)
         elif train:
             self.sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed or 0)

@@ -300,12 +300,15 @@ def build_transform(cfg, train: bool) -> FileTransform:
 
 
 def collate(batch: list) -> tuple:
-    """[(3xHxW uint8, class)] -> (N x 3 x H x W uint8 with NHWC memory, int64 classes). Inside a loader
-    worker the batch goes straight into shared memory, the one copy on its way to the trainer."""
+    """[(3xHxW uint8, class)] -> (N x 3 x H x W uint8 with NHWC memory, int64 classes); multi-hot float
+    rows for classes stack to N x classes. Inside a loader worker the batch goes straight into shared
+    memory, the one copy on its way to the trainer."""
     images, targets = zip(*batch)
     c, h, w = images[0].shape
     out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
     if get_worker_info() is not None:
         out.share_memory_()
     torch.stack([x.permute(1, 2, 0) for x in images], out=out)
+    if isinstance(targets[0], torch.Tensor):
+        return out.permute(0, 3, 1, 2), torch.stack(targets)
     return out.permute(0, 3, 1, 2), torch.as_tensor(targets, dtype=torch.int64)

@@ -15,9 +15,9 @@ from torch import nn
 from ..config import Config, UserError
 from ..model.deploy import Opened, open_weights
 from ..model.weights import build_model, eval_settings, load_into, weights_choice
-from ..report import write_eval_report
+from ..report import write_eval_report, write_multilabel_report
 from ..runtime import rank_zero_log, synchronize
-from .loop import Confusion, evaluate
+from .loop import Confusion, evaluate, val_metrics
 from .precision import Precision
 from .setup import Run
 
@@ -32,25 +32,59 @@ def evaluate_weights(cfg: Config) -> dict:
     arch = what.weights.arch if what.weights is not None else "xception"
     size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log(), arch)
     # Run checks its config again: it gets the file read (a published name is resolved to one), not the name
-    run = Run(cfg.replace(image_size=size, crop_pct=crop, resume=what.source), need_train=False, kind="eval")
+    run = Run(_labels_as_saved(cfg.replace(image_size=size, crop_pct=crop, resume=what.source), what.saved),
+              need_train=False, kind="eval")
     try:
-        run.check_classes(what.class_names, cfg.resume)
+        run.check_classes(what.class_names, cfg.resume, (what.saved or {}).get("multi_label"))
         model, precision, channels_last, device_type = _model(run, what)
-        extra = [Confusion(len(run.classes), run.ctx.device)] if cfg.eval_report else []
         progress = run.report.progress(len(run.val_loader), "eval")
         t0 = time.perf_counter()
-        val = evaluate(model, run.val_loader, run.ctx, precision, channels_last, extra, progress)
+        val = evaluate(model, run.val_loader, run.ctx, precision, channels_last, _metrics(run), progress)
         progress.close()
         fps = val["count"] / (time.perf_counter() - t0)
         run.log(f"eval {cfg.resume}{_variant(what, cfg)} on {val['count']} images: loss {val['loss']:.4f} "
-                f"top1 {val['top1']:.3f} top5 {val['top5']:.3f} balanced_acc {val['balanced_acc']:.3f}")
+                + score_text(val, run.cfg))
         if cfg.eval_report and run.ctx.is_main:
-            write_eval_report(val["confusion"], run.classes, cfg.output_dir, os.path.basename(cfg.resume), run.log)
-        result = {"fps": fps, "top1": val["top1"], "loss": val["loss"], "e2e_seconds": time.perf_counter() - t_start}
+            _report(run, val, os.path.basename(cfg.resume))
+        score = val["map"] if run.cfg.multi_label else val["top1"]
+        result = {"fps": fps, "top1": score, "loss": val["loss"], "e2e_seconds": time.perf_counter() - t_start}
         run.report.finish(result, device_type, run.ctx.world_size)
-        return {k: v for k, v in val.items() if k != "confusion"} | {"fps": fps}
+        return {k: v for k, v in val.items() if k not in ("confusion", "scores", "targets")} | {"fps": fps}
     finally:
         run.close()
+
+
+def score_text(val: dict, cfg: Config) -> str:
+    """The scores of an evaluation as the result line shows them."""
+    if cfg.multi_label:
+        return (f"mAP {val['map']:.3f} f1_micro {val['f1_micro']:.3f} f1_macro {val['f1_macro']:.3f} "
+                f"(threshold {cfg.threshold:g})")
+    return f"top1 {val['top1']:.3f} top5 {val['top5']:.3f} balanced_acc {val['balanced_acc']:.3f}"
+
+
+def _labels_as_saved(cfg: Config, saved: dict | None) -> Config:
+    """Weights trained multi-label read their data as multi-label, at their own --threshold unless given."""
+    saved = saved or {}
+    given = cfg.explicit if cfg.explicit is not None else ("threshold",)
+    threshold = cfg.threshold if "threshold" in given or "threshold" not in saved else float(saved["threshold"])
+    return cfg.replace(multi_label=cfg.multi_label or bool(saved.get("multi_label")), threshold=threshold)
+
+
+def _metrics(run: Run) -> list:
+    keep = run.cfg.eval_report
+    metrics = val_metrics(run.ctx, run.cfg.multi_label, run.cfg.threshold, keep)
+    if keep and not run.cfg.multi_label:
+        metrics.append(Confusion(len(run.classes), run.ctx.device))
+    return metrics
+
+
+def _report(run: Run, val: dict, title: str) -> None:
+    if run.cfg.multi_label:
+        paths = [path for path, _ in run.val_loader.dataset.split.samples]
+        write_multilabel_report(val["scores"], val["targets"], paths, run.classes, run.cfg.threshold,
+                                run.cfg.output_dir, run.log)
+    else:
+        write_eval_report(val["confusion"], run.classes, run.cfg.output_dir, title, run.log)
 
 
 class FlipTTA(nn.Module):

@@ -258,14 +258,83 @@ class Confusion:
         return {"confusion": ctx.all_reduce(self.counts).view(n, n).long().cpu()}
 
 
+@dataclass
+class MultiLabel:
+    """A multi-label evaluation: the summed binary cross-entropy (mean over classes per image), and from
+    every image's sigmoid probabilities and multi-hot targets, gathered over the processes, mAP (scikit-
+    learn's average_precision_score, the mean over the classes that have a positive), micro F1 and macro F1
+    (over the same classes) of the labels whose probability exceeds `threshold`; all in percent. AP is no
+    sum over shares, so the rows are gathered: rank r's k-th row is sample r + kW of the split (EvalSampler's
+    order), which puts them back in the split's order on every rank. `keep`: also return the arrays."""
+    device: torch.device
+    threshold: float = 0.5
+    keep: bool = False
+    rows: list = field(default_factory=list)  # per batch: probabilities | targets, N x 2C float32
+    loss: float | torch.Tensor = 0.0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
+        targets = targets.float()
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        self.loss = self.loss + bce.mean(dim=1).sum().double()
+        self.rows.append(torch.cat([torch.sigmoid(logits), targets], dim=1))
+
+    def result(self, ctx: DistContext) -> dict:
+        import numpy as np
+        from sklearn.metrics import average_precision_score, f1_score
+
+        table = _gather_rows(self.rows, ctx, self.device)
+        loss = ctx.all_reduce(torch.as_tensor(self.loss, dtype=torch.float64, device=self.device).reshape(1))
+        count = table.shape[0]
+        c = table.shape[1] // 2
+        scores, truth = table[:, :c].numpy(), table[:, c:].numpy() > 0.5
+        present = truth.any(axis=0)
+        out = {"loss": loss.item() / max(count, 1), "count": count, "map": 0.0, "f1_micro": 0.0, "f1_macro": 0.0}
+        if present.any():
+            picked = scores > self.threshold
+            out["map"] = 100 * float(average_precision_score(truth[:, present], scores[:, present], average="macro"))
+            out["f1_macro"] = 100 * float(f1_score(truth[:, present], picked[:, present], average="macro",
+                                                   zero_division=0))
+            out["f1_micro"] = 100 * float(f1_score(truth, picked, average="micro", zero_division=0))
+        if self.keep:
+            out.update(scores=scores, targets=truth.astype(np.int8))
+        return out
+
+
+def _gather_rows(rows: list, ctx: DistContext, device: torch.device) -> torch.Tensor:
+    """Every process's rows (N_r x K) in the split's order, on the CPU: rank r's k-th row is row r + kW."""
+    mine = torch.cat(rows) if rows else None
+    if not ctx.distributed:
+        return mine.cpu() if mine is not None else torch.zeros(0, 0)
+    shape = torch.tensor([0.0 if mine is None else mine.shape[0], 0.0 if mine is None else mine.shape[1]],
+                         dtype=torch.float64, device=device)
+    counts = torch.zeros(ctx.world_size, dtype=torch.float64, device=device)
+    counts[ctx.rank] = shape[0]
+    counts = ctx.all_reduce(counts)
+    width = int(ctx.all_reduce(shape[1:].clone(), "max").item())
+    total = int(counts.sum().item())
+    table = torch.zeros(total, width, dtype=torch.float32, device=device)
+    if mine is not None:
+        table[ctx.rank::ctx.world_size] = mine.float()
+    return ctx.all_reduce(table).cpu()
+
+
+def val_metrics(ctx: DistContext, multi_label: bool = False, threshold: float = 0.5, keep: bool = False) -> list:
+    """The evaluation's metrics: single-label loss, top-1/top-5 and balanced accuracy; multi-label loss,
+    mAP and F1 (`keep`: with each image's probabilities, for a report)."""
+    if multi_label:
+        return [MultiLabel(ctx.device, threshold, keep)]
+    return [TopK(ctx.device), ClassRecall(ctx.device)]
+
+
 @torch.no_grad()
-def evaluate(model, loader, ctx: DistContext, precision: Precision, channels_last: bool, extra=(),
+def evaluate(model, loader, ctx: DistContext, precision: Precision, channels_last: bool, metrics=None,
              progress=None) -> dict:
-    """Loss, top-1, top-5, balanced accuracy and image count over the whole split, plus each `extra` metric's
-    result (e.g. Confusion). Each process sums over its own share, then the sums are added across processes once,
-    so every sample counts exactly once and no rank waits alone. `model` may be an OnnxModel too."""
+    """The `metrics` (default: val_metrics' single-label ones; e.g. Confusion added) over the whole split,
+    and the image count. Each process evaluates its own share, then the results are combined across the
+    processes once, so every sample counts exactly once and no rank waits alone. `model` may be an
+    OnnxModel too."""
     model.eval()
-    metrics = [TopK(ctx.device), ClassRecall(ctx.device), *extra]
+    metrics = val_metrics(ctx) if metrics is None else metrics
     for i, (images, targets) in enumerate(loader):
         images = to_device(images, ctx.device, channels_last)
         targets = targets.to(ctx.device, non_blocking=True)

@@ -1,5 +1,10 @@
-"""The training loss: cross-entropy with --label-smoothing and, with --class-weights, per-class weights
-(`balanced`: scikit-learn's inverse-frequency weights of the training split; or a file of them)."""
+"""The training loss. Single-label: cross-entropy with --label-smoothing and, with --class-weights,
+per-class weights (`balanced`: scikit-learn's inverse-frequency weights of the training split; or a file of
+them). Multi-label: a sigmoid per class, with binary cross-entropy (`bce`) or the asymmetric loss (`asl`).
+
+Label smoothing for a multi-label target moves each class's 0/1 towards 1/2: t' = t (1 - e) + e / 2, the
+binary form of what it means for softmax (each of the two outcomes gets e/2), so a positive is trained
+towards 1 - e/2 and a negative towards e/2."""
 
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ def build_criterion(run) -> nn.Module:
     """The training loss: cross-entropy with --label-smoothing and, with --class-weights, per-class weights
     (they weigh soft mixup/CutMix targets too). The evaluation loss stays unweighted (loop.TopK)."""
     cfg = run.cfg
+    loss = cfg.loss or ("bce" if cfg.multi_label else "ce")
+    if (loss == "ce") == cfg.multi_label:
+        raise UserError(f"--loss {loss} is for {'single' if loss == 'ce' else 'multi'}-label data; this data is "
+                        f"{'multi' if cfg.multi_label else 'single'}-label: use "
+                        + ("--loss bce or asl" if cfg.multi_label else "--loss ce (or leave it out)"))
+    if cfg.multi_label:
+        if cfg.class_weights not in (None, "none"):
+            raise UserError("--class-weights weighs the classes of a single-label run; for a skewed "
+                            "multi-label list use --loss asl")
+        return MultiLabelLoss(cfg.label_smoothing, asymmetric=loss == "asl")
     if cfg.class_weights in (None, "none"):
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.class_weights == "balanced":
@@ -29,6 +44,31 @@ def build_criterion(run) -> nn.Module:
                if len(weights) > CLASS_WEIGHTS_SHOWN else ""))
     weight = torch.tensor(weights, dtype=torch.float32, device=run.ctx.device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+class MultiLabelLoss(nn.Module):
+    """A sigmoid per class, the mean over images and classes. `asymmetric`: the asymmetric loss (Ridnik et
+    al., ICCV 2021) with the paper's defaults: positives log p, negatives p_m^4 log(1 - p_m) where p_m =
+    max(p - 0.05, 0), which keeps the many easy negatives of a multi-label image from drowning its few
+    positives. Targets may be soft (label smoothing, mixup/CutMix): each class's loss is t L+ + (1 - t) L-."""
+
+    def __init__(self, label_smoothing: float = 0.0, asymmetric: bool = False, gamma_neg: float = 4.0,
+                 gamma_pos: float = 0.0, clip: float = 0.05):
+        super().__init__()
+        self.smoothing, self.asymmetric = label_smoothing, asymmetric
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        if self.smoothing:
+            targets = targets * (1 - self.smoothing) + self.smoothing / 2
+        if not self.asymmetric:
+            return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        p = torch.sigmoid(logits)
+        shifted = (p - self.clip).clamp(min=0)  # probability shifting: very easy negatives count nothing
+        positive = (1 - p).pow(self.gamma_pos) * nn.functional.logsigmoid(logits)
+        negative = shifted.pow(self.gamma_neg) * torch.log((1 - shifted).clamp(min=1e-8))
+        return -(targets * positive + (1 - targets) * negative).mean()
 
 
 CLASS_WEIGHTS_SHOWN = 20  # classes named in the start line of --class-weights

@@ -77,12 +77,12 @@ def restore(t, ckpt: Checkpoint) -> None:
     if t.ema is not None:
         t.ema.seen = t.step.updates
     t.kept = on_main(t.run.ctx, _kept_checkpoints, cfg.output_dir, cfg.keep_checkpoints)
-    t.start_epoch, t.best_top1, t.source = ckpt.epoch, ckpt.best_acc1, ckpt.best_source
+    t.start_epoch, t.best_score, t.source = ckpt.epoch, ckpt.best_acc1, ckpt.best_source
     t.saved_path, t.saved_epoch = cfg.resume, ckpt.epoch
     t.start_step = resume_position(ckpt, t.guard, t.run.ctx, log)
     log(f"resumed from {cfg.resume}: epoch {t.start_epoch} done"
         + (f" and {t.start_step} steps of epoch {t.start_epoch + 1}" if t.start_step else "")
-        + f", best top-1 {t.best_top1:.3f}")
+        + f", best {'mAP' if t.run.cfg.multi_label else 'top-1'} {t.best_score:.3f}")
     if t.start_epoch >= cfg.epochs:
         raise UserError(f"--resume {cfg.resume}: already trained {t.start_epoch} epochs; "
                         f"raise --epochs above {t.start_epoch} to train further")
@@ -126,7 +126,7 @@ def _kept_checkpoints(output_dir: str, n: int) -> list:
     metrics = read_metrics(path)
     kept = []
     for i, epoch in enumerate(metrics["epoch"]):
-        scores = [metrics.get(k, [None] * (i + 1))[i] for k in ("top1", "ema_top1")]
+        scores = [metrics.get(k, [None] * (i + 1))[i] for k in ("top1", "ema_top1", "map", "ema_map")]
         if epoch is not None and os.path.isfile(epoch_file(output_dir, int(epoch))):
             kept.append((max(x for x in scores if x is not None), int(epoch)))
     return kept

@@ -42,6 +42,7 @@ class Run:
         self.generator = torch.Generator()  # the training order and the loader workers' seeds
         loaders = build_loaders(self.cfg, self.ctx, need_train, self.generator, self.log)
         self.classes, self.train_loader, self.val_loader = loaders.classes, loaders.train, loaders.val
+        self.cfg = self.cfg.replace(multi_label=loaders.multi_label)  # a list's `a;b` cells make it multi-label
         self.bad_skipped = loaders.skipped
         self.channels_last = default_channels_last(self.ctx.device) if cfg.channels_last is None else cfg.channels_last
         self.precision = make_precision(self.cfg, self.ctx.device, warn=self.log)
@@ -62,11 +63,17 @@ class Run:
         random.seed(s)
         self.generator.manual_seed(s)  # shuffling and the seeds of the loader's workers
 
-    def check_classes(self, saved, source: str) -> None:
+    def check_classes(self, saved, source: str, multi_label: bool | None = None) -> None:
+        """Refuse weights trained on other classes, or (`multi_label` known) with one label per image where
+        the data has several or the other way round."""
         if saved is not None and list(saved) != list(self.classes):
             raise UserError(f"{source}: trained on {len(saved)} classes {_preview(saved)}, the data has "
                             f"{len(self.classes)} {_preview(self.classes)}; use --pretrained {source} "
                             f"to fine-tune on these classes")
+        if multi_label is not None and bool(multi_label) != self.cfg.multi_label:
+            kinds = ("one label per image", "several labels per image")
+            raise UserError(f"{source}: trained with {kinds[bool(multi_label)]}, the data has "
+                            f"{kinds[self.cfg.multi_label]}; use --pretrained {source} to fine-tune on it")
 
     def place(self, model: nn.Module, frozen: bool = False) -> nn.Module:
         """Move to the device and layout; with --sync-bn convert BatchNorm (in place, for `model`'s owner to

@@ -22,7 +22,7 @@ from ..runtime import broadcast_buffers, gather_rng, on_main
 from .hooks import Diverged, HeadOnly, Preempted, StepGuard
 from .ema import Ema
 from .loss import build_criterion
-from .loop import EpochPlan, Step, evaluate, train_one_epoch
+from .loop import EpochPlan, Step, evaluate, train_one_epoch, val_metrics
 from .mix import build_mix
 from .optim import build_optimizer, build_scheduler
 from .resume import epoch_file, open_resume, restore
@@ -40,7 +40,7 @@ class Training:
     ckpt_path: str
     start_epoch: int = 0
     start_step: int = 0  # of the first epoch, after a mid-epoch resume
-    best_top1: float = -math.inf
+    best_score: float = -math.inf  # top-1, or mAP in a multi-label run
     saved_path: str | None = None  # the last good checkpoint on disk: the resumed one, then ckpt_path
     saved_epoch: int = 0  # its epoch
     ema: Ema | None = None  # --ema: the weights' moving average
@@ -86,7 +86,7 @@ def _setup(run: Run, ckpt: Checkpoint | None) -> Training:
     run.cfg = cfg = cfg.replace(arch=arch)
     net = build_model(pretrained, len(run.classes), cfg.drop_rate, log=log, arch=arch)
     if ckpt is not None:
-        run.check_classes(ckpt.class_names, cfg.resume)
+        run.check_classes(ckpt.class_names, cfg.resume, ckpt.args.get("multi_label", False))
         load_into(net, from_checkpoint(ckpt, cfg.resume), allow_new_head=False, log=log)
     model = run.place(net)
     net = unwrap(model)
@@ -140,7 +140,7 @@ def _checkpoint(t: Training, epoch: int, **extra) -> Checkpoint:
                       optimizer=t.step.optimizer.state_dict(),
                       scheduler=t.step.scheduler.state_dict(),
                       scaler=run.precision.scaler.state_dict() if run.precision.scaler else None,
-                      best_acc1=t.best_top1, args=run.cfg.to_dict(), class_names=list(run.classes),
+                      best_acc1=t.best_score, args=run.cfg.to_dict(), class_names=list(run.classes),
                       keras_exact=bool(getattr(t.net, "keras_exact", False)),
                       ema=t.ema.state()[0] if t.ema else None, ema_updates=t.ema.updates if t.ema else 0,
                       best_source=t.source, **extra)
@@ -176,20 +176,21 @@ def _epoch(t: Training, epoch: int) -> dict:
     images, overflow = _fault_counts(t)
     during = int(ctx.all_reduce(torch.tensor([float(images - before[0])], dtype=torch.float64,
                                                  device=ctx.device)).item())
-    row = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"], "top1": val["top1"],
-           "top5": val["top5"], "balanced_acc": val["balanced_acc"], "lr": t.step.lr,
+    key = "map" if cfg.multi_label else "top1"  # what ranks the epochs (model_best, --keep-checkpoints, EMA)
+    row = {"epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val["loss"],
+           **{k: val[k] for k in SCORES[cfg.multi_label]}, "lr": t.step.lr,
            "images_per_sec": stats.images_per_sec,
            "epoch_seconds": stats.seconds, "bad_images_skipped": run.bad_skipped + during,
            "overflow_steps_skipped": overflow - before[1]}
-    score, source = val["top1"], "model"
+    score, source = val[key], "model"
     if t.ema is not None:
         ema = _evaluate(t, t.ema.module)
-        row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        if ema["top1"] > score:
-            score, source = ema["top1"], "ema"
+        row.update({f"ema_{k}": ema[k] for k in EMA_SCORES[cfg.multi_label]})
+        if ema[key] > score:
+            score, source = ema[key], "ema"
     t.source = source
-    is_best = score > t.best_top1
-    t.best_top1 = max(t.best_top1, score)
+    is_best = score > t.best_score
+    t.best_score = max(t.best_score, score)
     shown = [c for c, on in zip(FAULT_COLUMNS, (cfg.skip_bad_images, run.precision.scaler is not None)) if on]
     run.report.epoch(row, tuple(shown))
     if ctx.is_main:
@@ -202,6 +203,10 @@ def _epoch(t: Training, epoch: int) -> dict:
     return row
 
 
+SCORES = {False: ("top1", "top5", "balanced_acc"), True: ("map", "f1_micro", "f1_macro")}  # by multi_label
+EMA_SCORES = {False: ("top1", "top5"), True: ("map",)}
+
+
 def _evaluate(t: Training, net: nn.Module) -> dict:
     """Evaluate a plain network (the trained one, or its average) on every rank's share of val. Every
     rank takes rank 0's BatchNorm statistics first; DDP is left out (it would broadcast them itself, on the
@@ -209,12 +214,13 @@ def _evaluate(t: Training, net: nn.Module) -> dict:
     run = t.run
     broadcast_buffers(net, run.ctx)
     model = t.step.model if net is t.net and not run.ctx.distributed else net  # compiled when asked
-    return evaluate(model, run.val_loader, run.ctx, run.precision, run.channels_last)
+    return evaluate(model, run.val_loader, run.ctx, run.precision, run.channels_last,
+                    val_metrics(run.ctx, run.cfg.multi_label, run.cfg.threshold))
 
 
 def _keep(t: Training, score: float, epoch: int) -> None:
     """--keep-checkpoints N: keep this epoch's checkpoint under its own name while it is among the N best
-    (by the better of its top-1 and its EMA's); the one it pushes out is deleted."""
+    (by the better of its top-1, or mAP, and its EMA's); the one it pushes out is deleted."""
     n = t.run.cfg.keep_checkpoints
     if n <= 0:
         return
@@ -240,7 +246,8 @@ def _save_and_stop(t: Training, epoch: int, steps_done: int) -> None:
 def _finish(t: Training, last: dict, e2e: float) -> dict:
     run = t.run
     fps = t.fps[0] / t.fps[1] if t.fps[1] else 0.0
-    result = {"fps": fps, "top1": last["top1"], "top5": last["top5"], "loss": last["train_loss"],
+    score = last["map"] if run.cfg.multi_label else last["top1"]  # the seed's "accuracy" line: mAP if multi-label
+    result = {"fps": fps, "top1": score, "top5": last.get("top5"), "loss": last["train_loss"],
               "e2e_seconds": e2e, "checkpoint": t.ckpt_path, "metrics": run.report.metrics_path}
     run.report.finish(result, run.ctx.device.type, run.ctx.world_size)
     return result

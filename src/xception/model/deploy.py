@@ -2,6 +2,12 @@
 with frozen weights, ONNX and TorchScript files with their metadata, their verification against PyTorch,
 and `OnnxModel`, which runs an exported .onnx file like a model (for `xception predict` and `eval`).
 
+Metadata: an exported graph always returns logits. Its JSON metadata says how to read them: "multi_label"
+(a run trained with several labels per image: a sigmoid per class, a label predicted when its probability
+exceeds "threshold") or not (a softmax over the classes), as the checkpoint's run settings say; foreign
+weights are single-label. `open_weights` hands that metadata back in `Opened.saved`, as it hands back a
+checkpoint's run settings, so predict and eval ask both the same way.
+
 Folding: in eval mode BN is an affine map per channel, so conv -> BN equals one conv with scaled weights
 and a bias. In Xception every BN follows a convolution (a separable convolution's pointwise half, a stem
 conv or a shortcut's 1x1), so the folded model has no BN left and computes the same logits.
@@ -34,12 +40,27 @@ META_KEY = "xception"  # ONNX metadata_props key / TorchScript extra file holdin
 VERIFY_BATCHES = (1, 3)
 
 
-def metadata(model: Xception, image_size: int, crop_pct: float, class_names, source_format: str) -> dict:
-    """What travels with an exported graph: enough to preprocess its input and name its outputs."""
+def label_mode(saved: dict | None) -> tuple:
+    """(multi_label, threshold) of weights whose run settings (a checkpoint's args, a graph's metadata) are
+    `saved`: a multi-label run says so and keeps its threshold; anything else (old checkpoints, foreign
+    weights) is single-label, with the default threshold 0.5."""
+    saved = saved or {}
+    threshold = saved.get("threshold")
+    return bool(saved.get("multi_label", False)), float(0.5 if threshold is None else threshold)
+
+
+def metadata(model: Xception, image_size: int, crop_pct: float, class_names, source_format: str,
+             saved: dict | None = None) -> dict:
+    """What travels with an exported graph: enough to preprocess its input and name and read its outputs.
+    `saved`: the checkpoint's run settings (None for foreign weights), which say whether it is multi-label."""
+    multi_label, threshold = label_mode(saved)
+    outputs = ("logits; multi-label: apply a sigmoid per class, a label is predicted when its probability "
+               "exceeds threshold") if multi_label else "logits; softmax over classes"
     return {"arch": getattr(model, "arch", "xception"), "image_size": image_size, "crop_pct": crop_pct,
             "num_classes": model.num_classes,
             "class_names": class_names, "keras_exact": bool(model.keras_exact), "source_format": source_format,
-            "mean": PIXEL_MEAN, "std": PIXEL_STD, "input": "NCHW RGB float32"}
+            "mean": PIXEL_MEAN, "std": PIXEL_STD, "input": "NCHW RGB float32",
+            "multi_label": multi_label, "threshold": threshold, "outputs": outputs}
 
 
 def _last_conv(module: nn.Module) -> tuple:
@@ -183,7 +204,7 @@ class Opened:
     source: str
     weights: Weights | None
     graph: OnnxModel | None
-    saved: dict  # image_size / crop_pct where known (our checkpoint's args, the graph's metadata)
+    saved: dict  # our checkpoint's args, or the graph's metadata: image_size, crop_pct, multi_label, threshold
     class_names: list | None
 
 
@@ -201,5 +222,5 @@ def open_weights(path: str, image_size: int | None = None, flag: str = "--weight
     graph = OnnxModel(path, flag)
     if image_size and graph.image_size and image_size != graph.image_size:
         raise UserError(f"--image-size {image_size}: {path} was exported for {graph.image_size} px inputs")
-    saved = {"image_size": graph.image_size, "crop_pct": graph.meta.get("crop_pct")}
+    saved = {**graph.meta, "image_size": graph.image_size, "crop_pct": graph.meta.get("crop_pct")}
     return Opened(path, None, graph, saved, graph.meta.get("class_names"))

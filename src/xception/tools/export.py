@@ -3,7 +3,11 @@ verified against PyTorch before it is put in place (model/deploy.py holds the wr
 checkpoint holding an EMA is exported with the weights its run ranked higher (--raw-weights, --ema-weights
 choose). --weights also takes a published name (model/hub.py: imagenet, keras, hf-hub:ORG/REPO[@REV]),
 downloaded or found in the cache; an hf-hub repository's input size and crop (its pretrained_cfg) become the
-graph's, as a checkpoint's own do."""
+graph's, as a checkpoint's own do.
+
+The graph returns logits whatever the run trained for; its metadata (model/deploy.py `metadata`) says how to
+read them: a multi-label run's checkpoint gives "multi_label": true and its "threshold" (a sigmoid per class,
+a label when its probability exceeds the threshold), anything else a softmax over the classes."""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def export(weights: str, fmt: str, out: str, static_batch: int | None = None, op
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise UserError(f"--out {out}: folder {folder} does not exist")
-    meta = metadata(model, size, crop_pct, loaded.class_names, loaded.fmt)
+    meta = metadata(model, size, crop_pct, loaded.class_names, loaded.fmt, loaded.args)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(out)}")
     try:
         example = torch.zeros(static_batch or 1, 3, size, size)
@@ -57,8 +61,15 @@ def export(weights: str, fmt: str, out: str, static_batch: int | None = None, op
         if os.path.exists(tmp):
             os.unlink(tmp)
     log(f"wrote {out} ({fmt}, BatchNorm folded, input {static_batch or 'N'}x3x"
-        f"{size}x{size} in [-1, 1], {model.num_classes} classes)")
+        f"{size}x{size} in [-1, 1], {model.num_classes} classes{_label_note(meta)})")
     return error
+
+
+def _label_note(meta: dict) -> str:
+    """What the summary line adds for a multi-label graph (nothing for a single-label one)."""
+    if not meta["multi_label"]:
+        return ""
+    return f", multi-label: a sigmoid per class, threshold {meta['threshold']:g}"
 
 
 def run(args) -> int:

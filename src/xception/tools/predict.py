@@ -10,6 +10,13 @@ also be a name of published weights (model/hub.py): `imagenet` (timm's legacy_xc
 Face Hub), `keras` (the author's Keras .h5) or `hf-hub:ORG/REPO[@REV]`, downloaded once into the usual caches;
 `xception predict IMAGE --pretrained imagenet` needs no checkpoint of ours. Weights of 1000 classes that carry no
 class names are labelled with the ImageNet names shipped with the package (no download).
+
+Multi-label weights (a run trained with several labels per image; a checkpoint's run settings or an exported
+graph's metadata say so, model/deploy.py `label_mode`) are read with a sigmoid per class instead of a softmax:
+each image's "labels" are the classes whose probability exceeds the threshold (--threshold, else the one the
+run saved, else 0.5), most probable first, and its "top" the K most probable classes as for single-label
+weights. The text output then lists the labels (or says that none passed the threshold); single-label output
+is as it always was.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from ..config import MIN_INPUT_SIZE, UserError
 from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
-from ..model.deploy import open_weights
+from ..model.deploy import label_mode, open_weights
 from ..model.hub import imagenet_class_names
 from ..model.weights import build_model, eval_settings, locate, weights_choice
 from ..report import Progress
@@ -42,6 +49,7 @@ class PredictOptions:
     crop_pct: float | None = None
     device: str = "auto"
     weights_choice: str = "best"  # of a checkpoint holding an EMA too: best (its run's choice), model or ema
+    threshold: float | None = None  # multi-label weights: None = the weights' own (saved), else 0.5
 
     def check(self) -> None:
         if self.topk < 1:
@@ -52,6 +60,24 @@ class PredictOptions:
             raise UserError(f"--image-size must be at least {MIN_INPUT_SIZE}, got {self.image_size}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise UserError(f"--threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass
+class Predictor:
+    """Weights ready to run: `model` maps normalised float batches to logits; how to read them (`multi_label`:
+    a sigmoid per class and labels above `threshold`, else a softmax; threshold None when single-label)."""
+    model: object
+    class_names: list
+    image_size: int
+    crop_pct: float
+    multi_label: bool = False
+    threshold: float | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
 def class_names_for(saved, num_classes: int) -> list:
@@ -101,8 +127,9 @@ def _collate(items):
     return items
 
 
-def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tuple:
-    """(callable on normalised float batches -> logits, class names, image_size, crop_pct)."""
+def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> Predictor:
+    """The model (or exported graph) of `weights` on `device`, its class names, the input size and crop to
+    evaluate at, and whether to read its outputs as multi-label (and at which threshold)."""
     opened = open_weights(weights, opts.image_size, choice=opts.weights_choice)
     if opened.graph is not None:
         model, num = opened.graph, opened.graph.num_outputs()
@@ -116,7 +143,11 @@ def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> tup
         num = model.num_classes
     arch = opened.weights.arch if opened.weights is not None else "xception"
     size, pct = eval_settings(opened.saved, opts.image_size, opts.crop_pct, weights, log, arch)
-    return model, class_names_for(opened.class_names, num), size, pct
+    multi_label, own = label_mode(opened.saved)
+    if not multi_label and opts.threshold is not None:
+        log(f"note: --threshold applies to multi-label weights only; {weights} is single-label (softmax)")
+    threshold = (own if opts.threshold is None else opts.threshold) if multi_label else None
+    return Predictor(model, class_names_for(opened.class_names, num), size, pct, multi_label, threshold)
 
 
 def weights_file(weights: str, flag: str = "--weights", log=print) -> str:
@@ -128,10 +159,31 @@ def weights_file(weights: str, flag: str = "--weights", log=print) -> str:
     return local
 
 
+def _entry(names: list, index: int, probability: float) -> dict:
+    return {"class": names[index], "index": int(index), "probability": round(float(probability), 6)}
+
+
+def _results(predictor: Predictor, logits: torch.Tensor, k: int) -> list:
+    """Per image of a batch: its top-k classes, and for multi-label weights its labels above the threshold."""
+    probs = predictor.probabilities(logits).cpu()
+    top = probs.topk(k, dim=1)
+    names, out = predictor.class_names, []
+    for row in range(probs.shape[0]):
+        pairs = zip(top.values[row].tolist(), top.indices[row].tolist())
+        result = {"top": [_entry(names, c, p) for p, c in pairs]}
+        if predictor.multi_label:
+            ranked = probs[row].sort(descending=True)
+            pairs = zip(ranked.values.tolist(), ranked.indices.tolist())
+            result["labels"] = [_entry(names, c, p) for p, c in pairs if p > predictor.threshold]
+        out.append(result)
+    return out
+
+
 def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(), log=None,
             flag: str = "--weights") -> dict:
     """`weights`: a weights file, or a name of published weights (`flag` is the option that gave it, for
-    messages). The result's "weights" is `weights` as given, "weights_file" the file read."""
+    messages). The result's "weights" is `weights` as given, "weights_file" the file read; "multi_label" and
+    "threshold" say how the outputs were read (threshold None for single-label weights)."""
     log = log or (lambda *a: print(*a, file=sys.stderr))
     opts.check()
     dev = resolve_device(opts.device)
@@ -140,8 +192,9 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
         where = "; ".join(f"{p}: {why}" for p, why in problems[:3])
         raise UserError(f"nothing to predict: {where}")
     local = weights_file(weights, flag, log)
-    model, names, size, pct = load_predictor(local, dev, opts, log)
-    k = min(opts.topk, len(names))
+    predictor = load_predictor(local, dev, opts, log)
+    size, pct = predictor.image_size, predictor.crop_pct
+    k = min(opts.topk, len(predictor.class_names))
     loader = DataLoader(_Images(paths, pil_eval(size, pct)), batch_size=opts.batch_size, num_workers=opts.workers,
                         collate_fn=_collate)
     progress = Progress(True, len(loader), "predict", print_freq=max(1, len(loader) // 10))
@@ -152,21 +205,29 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
             problems += [(paths[i], err) for i, _, err in items if err is not None]
             if good:
                 batch = to_device(torch.stack([t for _, t in good]), dev, channels_last=False)
-                top = torch.softmax(model(batch).float(), dim=1).cpu().topk(k, dim=1)
-                for row, (i, _) in enumerate(good):
-                    results[i] = {"path": paths[i], "top": [
-                        {"class": names[c], "index": int(c), "probability": round(float(p), 6)}
-                        for p, c in zip(top.values[row].tolist(), top.indices[row].tolist())]}
+                for (i, _), result in zip(good, _results(predictor, predictor.model(batch), k)):
+                    results[i] = {"path": paths[i], **result}
             progress.update(step, images=min(step * opts.batch_size, len(paths)))
     progress.close()
     return {"weights": weights, "weights_file": local, "image_size": size, "crop_pct": pct,
+            "multi_label": predictor.multi_label, "threshold": predictor.threshold,
             "predictions": [r for r in results if r is not None],
             "errors": [{"path": p, "error": why} for p, why in problems]}
 
 
+def text_line(result: dict, threshold: float | None) -> str:
+    """One image's line of the text output: its top classes, or for multi-label weights (`threshold` not
+    None) its labels above the threshold."""
+    shown = result["top"] if threshold is None else result["labels"]
+    if not shown:
+        said = f"{threshold:.2f}" if round(threshold, 2) == threshold else f"{threshold:g}"  # 0.50, 0.995
+        return f"{result['path']}: (no label above {said})"
+    return f"{result['path']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.2f}%" for t in shown)
+
+
 def run(args) -> int:
     opts = PredictOptions(args.topk, args.batch_size, args.workers, args.image_size, args.crop_pct, args.device,
-                          weights_choice(args.raw_weights, args.ema_weights))
+                          weights_choice(args.raw_weights, args.ema_weights), getattr(args, "threshold", None))
     if (args.weights is None) == (args.pretrained is None):
         raise UserError("give the weights once: --weights PATH or --pretrained NAME|PATH (NAME: imagenet, keras, "
                         f"hf-hub:ORG/REPO[@REV]){', not both' if args.weights else ''}")
@@ -177,8 +238,7 @@ def run(args) -> int:
             print(json.dumps(out, indent=1))
         else:
             for r in out["predictions"]:
-                print(f"{r['path']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.2f}%"
-                                                  for t in r["top"]))
+                print(text_line(r, out["threshold"] if out["multi_label"] else None))
         sys.stdout.flush()
     except BrokenPipeError:  # `xception predict ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -107,6 +107,9 @@ def prepare(data_path: str, out: str, settings: ShardSettings = ShardSettings(),
     """Write (or finish writing) the shards of data_path into out; returns the index."""
     settings.check()
     train, val = read_list_file(data_path) if is_list_file(data_path) else scan_dataset(data_path)
+    if val.multi_label:
+        raise UserError(f"{data_path}: a multi-label list; shard sets hold one label per image, so train "
+                        f"from the list file itself (--data_path {data_path})")
     os.makedirs(out, exist_ok=True)
     header = {"format": FORMAT, "classes": train.classes, **asdict(settings),
               "source": {name: len(s.samples) for name, s in (("train", train), ("val", val))}}
