@@ -263,3 +263,16 @@ def test_prepare_writes_shards_from_a_list_file(listed, tmp_path):
     assert index["classes"] == ["cat", "dog", "fox"]
     assert index["splits"]["train"]["count"] == sum(r[2] == "train" for r in rows) == 12
     assert index["splits"]["val"]["count"] == 9
+
+
+def test_eval_split_test_reads_the_test_rows_with_the_training_classes(listed, tmp_path):
+    _, rows = listed
+    changed = [r[:2] + ["test" if r[2] == "val" and r[1] == "cat" else r[2]] + r[3:] for r in rows]
+    path = write_csv(tmp_path / "t.csv", changed)
+    _, held = read_list_splits(Config(data_path=path, eval_split="test"), need_train=False)
+    assert held.classes == ["cat", "dog", "fox"] and len(held.samples) == 3
+    assert {held.classes[c] for _, c in held.samples} == {"cat"}
+    with pytest.raises(UserError, match="no calib images"):
+        read_list_splits(Config(data_path=path, eval_split="calib"), need_train=False)
+    with pytest.raises(UserError, match="--split test reads the rows of that split of a CSV"):
+        read_list_splits(Config(data_path=str(tmp_path), eval_split="test"), need_train=False)

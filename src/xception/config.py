@@ -104,6 +104,7 @@ class Config:
     classes_file: Optional[str] = None  # --classes: the class order of a list file, one name a line
     # several labels per image: set by --multi-label, or by the data (a list file's `a;b` label cells)
     multi_label: bool = False
+    eval_split: str = "val"  # xception eval --split: a CSV list file's val, test or calib rows
     image_size: Optional[int] = None  # None: DEFAULT_IMAGE_SIZE, or for eval the weights' own
     crop_pct: Optional[float] = None  # None: DEFAULT_CROP_PCT, or for eval the weights' own
     crop_scale: tuple = (0.08, 1.0)
@@ -285,6 +286,7 @@ class Config:
              "--class-weights must be balanced, none or a file of `class weight` lines, got ''"),
             (self.loss is None or self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}"),
+            (self.eval_split in ("val", "test", "calib"), f"--split must be val, test or calib, got {self.eval_split!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.image_size is None or self.image_size >= MIN_INPUT_SIZE,

@@ -228,6 +228,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", "--weights", dest="resume", required=True, metavar="PATH",
                    help="checkpoint (or weights file) to evaluate, an .onnx file from xception export, or a NAME "
                         "as for train --pretrained (imagenet, keras, hf-hub:ORG/REPO[@REV])")
+    p.add_argument("--split", dest="eval_split", choices=("val", "test", "calib"), default="val",
+                   help="a CSV list file: evaluate the rows of this split (default val)")
     p.add_argument("--report", dest="eval_report", action="store_true",
                    help="also write per_class.csv, confusion.csv and confusion.png to --output-dir")
     p.add_argument("--tta", choices=["flip"], default=None,

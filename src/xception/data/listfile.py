@@ -26,7 +26,7 @@ from ..config import UserError, check_file
 from ..files import show
 from .folder import Split
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "calib")  # calib: held out for fitting a temperature
 REQUIRED = ("path", "label", "split")
 MULTI_LABEL = ";"
 
@@ -164,16 +164,18 @@ def check_images(rows: list) -> None:
 
 
 def make_splits(rows: list, source: str, classes: list | None, need_train: bool, has_group: bool,
-                multi: bool = False) -> tuple:
-    """(train, val) Splits of the rows (train None when not needed); checks labels, classes and files.
+                multi: bool = False, held: str = "val") -> tuple:
+    """(train, evaluated) Splits of the rows (train None when not needed); the evaluated one is the rows of
+    split `held` (val; an evaluation may ask for test or calib). Checks labels, classes and files.
     Multi-label when `multi` or when any label cell holds a ';'."""
     multi = multi or any(MULTI_LABEL in r.label for r in rows)
     train = [r for r in rows if r.split == "train"]
-    val = [r for r in rows if r.split == "val"]
+    val = [r for r in rows if r.split == held]
     if need_train and not train:
         raise UserError(f"{show(source)}: no training images (no row with split train)")
     if not val:
-        raise UserError(f"{show(source)}: no validation images (no row with split val)")
+        raise UserError(f"{show(source)}: no {'validation' if held == 'val' else held} images (no row with "
+                        f"split {held})")
     for r, names in zip(train + val, label_names(train + val, multi)):
         r.names = names
     if classes is not None:
@@ -208,17 +210,21 @@ def make_splits(rows: list, source: str, classes: list | None, need_train: bool,
     return (split_of(train) if need_train else None), split_of(val)
 
 
-def read_list_file(file: str, need_train: bool = True, classes_file: str | None = None, multi: bool = False) -> tuple:
-    """(train, val) Splits of a CSV list file (train None when not needed)."""
+def read_list_file(file: str, need_train: bool = True, classes_file: str | None = None, multi: bool = False,
+                   held: str = "val") -> tuple:
+    """(train, val) Splits of a CSV list file (train None when not needed; `held`: the split evaluated)."""
     rows, has_group = read_csv(file)
     classes = read_classes(classes_file) if classes_file else None
-    return make_splits(rows, file, classes, need_train, has_group, multi)
+    return make_splits(rows, file, classes, need_train, has_group, multi, held)
 
 
 def read_list_splits(cfg, need_train: bool):
     """The run's (train, val) Splits when its data is a list (a CSV --data_path, or --train-list/--val-list),
     else None (an image folder or shard set: the caller's business)."""
     text = bool(cfg.train_list or cfg.val_list)
+    if cfg.eval_split != "val" and not is_list_file(cfg.data_path):
+        raise UserError(f"--split {cfg.eval_split} reads the rows of that split of a CSV list file; an image "
+                        f"folder, a text list, a shard set or a dataset is evaluated on its val split")
     if not text and not is_list_file(cfg.data_path):
         if cfg.multi_label:
             raise UserError("--multi-label reads a list file (a CSV --data_path, or --train-list and --val-list) "
@@ -234,7 +240,7 @@ def read_list_splits(cfg, need_train: bool):
     if cfg.loader == "dali":
         raise UserError("--loader dali reads image folders; for a list file use --loader tv or pil")
     if not text:
-        return read_list_file(cfg.data_path, need_train, cfg.classes_file, cfg.multi_label)
+        return read_list_file(cfg.data_path, need_train, cfg.classes_file, cfg.multi_label, cfg.eval_split)
     if is_list_file(cfg.data_path):
         raise UserError("--data_path is a CSV list file: give it or --train-list/--val-list, not both")
     if not cfg.val_list or (need_train and not cfg.train_list):
