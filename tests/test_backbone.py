@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from xception import create_model
 from xception.config import Config, UserError
 from xception.engine.setup import Run
-from xception.flags import add_bench_flags, add_run_flags
+from xception.flags import add_run_flags
+from xception.toolflags import add_bench_flags
 from xception.model import ARCH_NAMES, Backbone
 from xception.model.family import build_arch
 from xception.model.xception import MiddleBlock

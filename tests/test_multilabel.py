@@ -198,14 +198,16 @@ def test_eval_report_equals_scikit_learn_and_two_processes_agree(listed, trained
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == val["count"] == 8
-    scores = np.array([[float(r[n]) for n in NAMES] for r in rows])
-    truth = np.array([[n in r["labels"].split(";") for n in NAMES] for r in rows])
+    scores = np.array([[float(r[f"prob_{n}"]) for n in NAMES] for r in rows])
+    truth = np.array([[n in r["label"].split(";") for n in NAMES] for r in rows])
     keep = truth.any(axis=0)
     assert val["map"] == pytest.approx(100 * average_precision_score(truth[:, keep], scores[:, keep]), abs=1e-9)
     assert val["f1_micro"] == pytest.approx(100 * f1_score(truth, scores > 0.6, average="micro"), abs=1e-9)
     assert val["f1_macro"] == pytest.approx(100 * f1_score(truth[:, keep], scores[:, keep] > 0.6,
                                                            average="macro"), abs=1e-9)
-    assert all(r["predicted"] == ";".join(n for n, s in zip(NAMES, p) if s > 0.6) for r, p in zip(rows, scores))
+    assert all(r["pred"] == ";".join(n for n, s in zip(NAMES, p) if s > 0.6) for r, p in zip(rows, scores))
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["map"] == pytest.approx(val["map"] / 100, abs=1e-9)
     two = run_cli("eval", "--data_path", listed, "--resume", ckpt, "--workers", "0", "--device", "cpu",
                   "--nproc", "2", "--output-dir", tmp_path / "two", "--threshold", "0.6")
     assert two.returncode == 0, two.stderr

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import EXIT_FAILED_RANK, EXIT_INTERRUPTED, RESUMED_SETTINGS, Config, ShardSettings, UserError
-from .flags import (Parser, add_average_flags, add_bench_flags, add_check_flags, add_data_flags, add_demo_flags,
-                    add_eval_flags, add_export_flags, add_models_flags, add_plot_flags, add_predict_flags,
-                    add_prepare_flags, add_recipe_flags, add_run_flags, add_split_flags, add_train_flags)
+from .flags import Parser, add_data_flags, add_eval_flags, add_recipe_flags, add_run_flags, add_train_flags
+from .toolflags import (add_average_flags, add_bench_flags, add_check_flags, add_demo_flags, add_explain_flags,
+                        add_export_flags, add_models_flags, add_plot_flags, add_predict_flags, add_prepare_flags,
+                        add_split_flags)
 from .recipes import apply_recipe
 
 
@@ -59,6 +60,11 @@ def run_demo(args) -> int:
 def run_predict(args) -> int:
     from .tools import predict
     return predict.run(args)
+
+
+def run_explain(args) -> int:
+    from .tools import explain
+    return explain.run(args)
 
 
 def run_export(args) -> int:
@@ -124,6 +130,8 @@ COMMANDS = {
     "demo": Command("train and evaluate on scikit-learn's bundled digits (no download)", (add_demo_flags,), run_demo),
     "predict": Command("class names and probabilities for images or folders of images", (add_predict_flags,),
                        run_predict),
+    "explain": Command("Grad-CAM heatmaps: where in each image the network saw its top (or a given) class",
+                       (add_explain_flags,), run_explain),
     "export": Command("write an ONNX or TorchScript graph (BatchNorm folded), verified against PyTorch",
                       (add_export_flags,), run_export),
     "average": Command("write the mean of several checkpoints' weights and BatchNorm buffers as one checkpoint",

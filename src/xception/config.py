@@ -180,7 +180,13 @@ class Config:
     print_freq: int = 10
     case_name: Optional[str] = None
     tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
-    eval_report: bool = False  # xception eval --report: per-class accuracy and confusion matrix
+    eval_report: bool = False  # xception eval --report: the files of evalreport.py
+    positive: Optional[str] = None  # --report: the class scored against the rest (ROC); two classes: the second
+    target_fpr: float = 0.01  # --report: the operating point with the highest recall at this false-positive rate
+    group_by: Optional[str] = None  # --report: a list file's column whose images form one group (`group`)
+    group_regex: Optional[str] = None  # --report: the group of an image: this pattern's match on its path
+    calibrate: bool = False  # xception eval --calibrate: fit a temperature on the evaluated split
+    temperature: float = 1.0  # the logits are divided by this (a calibrated checkpoint's; eval --calibrate)
     tta: Optional[str] = None  # xception eval --tta flip: average the logits of each image and its mirror
     # eval/predict/export of a checkpoint holding an EMA: the trained weights (raw) or the EMA; neither: the
     # weights the run's own evaluation ranked higher (its best_source)
@@ -286,6 +292,8 @@ class Config:
              "--class-weights must be balanced, none or a file of `class weight` lines, got ''"),
             (self.loss is None or self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}"),
+            (0 < self.target_fpr < 1, f"--target-fpr must be in (0, 1), got {self.target_fpr}"),
+            (not (self.group_by and self.group_regex), "give --group-by or --group-regex, not both"),
             (self.eval_split in ("val", "test", "calib"), f"--split must be val, test or calib, got {self.eval_split!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),

@@ -125,3 +125,68 @@ def write_confusion(confusion, class_names, out: str, title: str = "") -> str:
 def _short(name, width: int = 28) -> str:
     name = str(name)
     return name if len(name) <= width else name[:width - 1] + "~"
+
+
+def write_roc_pr(curves: dict, figures: dict, out: str, title: str = "") -> str:
+    """ROC and precision-recall curves of a binary evaluation side by side (`curves`: {"roc": (fpr, tpr),
+    "pr": (recall, precision)}), with AUC, AP and the operating points of `figures` marked."""
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5))
+    fpr, tpr = curves["roc"]
+    ax.plot(fpr, tpr, label=f"ROC-AUC {figures['roc_auc']:.4f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    recall, precision = curves["pr"]
+    bx.step(recall, precision, where="post", label=f"AP {figures['average_precision']:.4f}")
+    for name, point in figures["operating_points"].items():
+        ax.plot(point["fpr"], point["recall"], "o", label=f"{name}: threshold {point['threshold']:.4g}")
+        bx.plot(point["recall"], point["precision"], "o", label=name)
+    for axis, x, y in ((ax, "false positive rate", "true positive rate (recall)"), (bx, "recall", "precision")):
+        axis.set_xlabel(x)
+        axis.set_ylabel(y)
+        axis.set_xlim(-0.01, 1.01)
+        axis.set_ylim(-0.01, 1.01)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right" if axis is ax else "lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def write_reliability(rows: list, ece: float, out: str, title: str = "") -> str:
+    """The reliability diagram: accuracy against mean confidence in each confidence bin (`rows` from
+    analysis.expected_calibration_error), the diagonal of perfect calibration, and the bins' image counts."""
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    width = rows[0]["high"] - rows[0]["low"]
+    filled = [r for r in rows if r["images"]]
+    ax.bar([r["low"] for r in filled], [r["accuracy"] for r in filled], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy in the bin")
+    ax.plot([r["confidence"] for r in filled], [r["confidence"] for r in filled], "r.", label="mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"{title}{': ' if title else ''}ECE {ece:.4f} ({len(rows)} bins)")
+    bx.bar([r["low"] for r in rows], [r["images"] for r in rows], width=width, align="edge", color="tab:grey")
+    bx.set_xlabel("confidence (top probability)")
+    bx.set_ylabel("images")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def write_contact_sheet(items: list, out: str, title: str = "", columns: int = 4) -> str:
+    """A grid of images (`items`: (path, caption)), e.g. the most confident mistakes of an evaluation."""
+    from PIL import Image, ImageOps
+
+    plt = _pyplot()
+    rows = max(1, -(-len(items) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (path, caption) in zip(axes.flat, items):
+        with Image.open(path) as img:
+            ax.imshow(ImageOps.exif_transpose(img).convert("RGB"))
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)

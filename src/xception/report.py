@@ -1,6 +1,6 @@
 """Everything a run shows and writes about itself, through one `Reporter`: progress on the terminal, the
 epoch line, metrics.csv (written here and read here), TensorBoard scalars, the pictures (plots.py draws
-them), the eval report files, and the seed's result block and ${CaseName}.log. Only the main process
+them), and the seed's result block and ${CaseName}.log. Only the main process
 reports; on the others every method is silent."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "imag
                   "bad_images_skipped", "overflow_steps_skipped", "ema_top1", "ema_top5", "balanced_acc",
                   "map", "f1_micro", "f1_macro", "ema_map"]  # the last four: multi-label runs (in percent)
 TENSORBOARD_DIR = "tensorboard"
-CONFUSION_CSV_MAX_CLASSES = 100
 
 
 class Progress:
@@ -157,77 +156,6 @@ def curves(output_dir: str, out: str | None = None) -> str:
     out = out or os.path.join(output_dir, plots.CURVES_NAME)
     plots.write_curves(metrics, os.path.abspath(output_dir), out)
     return out
-
-
-def write_eval_report(confusion, class_names: list, output_dir: str, title: str = "", log=print) -> dict:
-    """per_class.csv, confusion.csv (up to CONFUSION_CSV_MAX_CLASSES) and confusion.png; logs the weakest
-    classes and the most confused pairs."""
-    matrix = confusion.numpy()
-    names = [str(c) for c in class_names]
-    rows, lines = [], ["class,images,correct,accuracy\n"]
-    for i, name in enumerate(names):
-        total, right = int(matrix[i].sum()), int(matrix[i, i])
-        acc = 100.0 * right / total if total else float("nan")
-        rows.append((acc, name, total))
-        lines.append(_csv_line([name, total, right, f"{acc:.3f}"]))
-    files = {"per_class": os.path.join(output_dir, "per_class.csv")}
-    write_text(files["per_class"], "".join(lines))
-    if len(names) <= CONFUSION_CSV_MAX_CLASSES:
-        files["confusion_csv"] = os.path.join(output_dir, "confusion.csv")
-        write_text(files["confusion_csv"], _csv_line(["true \\ predicted"] + names)
-                   + "".join(_csv_line([name] + [int(v) for v in matrix[i]]) for i, name in enumerate(names)))
-    try:
-        files["confusion_png"] = plots.write_confusion(matrix, names, os.path.join(output_dir, "confusion.png"),
-                                                       title)
-    except ImportError:
-        log("confusion.png skipped: matplotlib is not installed (pip install matplotlib)")
-    worst = sorted((r for r in rows if r[2]), key=lambda r: r[0])[:5]
-    log("per-class top-1, lowest: " + ", ".join(f"{name} {acc:.1f}% of {n}" for acc, name, n in worst))
-    pairs = plots.most_confused(matrix, names, 5)
-    if pairs:
-        log("most confused (true -> predicted): " + ", ".join(f"{t} -> {p} x{c}" for c, t, p in pairs))
-    log("report: " + ", ".join(files.values()))
-    return files
-
-
-def write_multilabel_report(scores, targets, paths: list, class_names: list, threshold: float, output_dir: str,
-                            log=print) -> dict:
-    """A multi-label evaluation's per_class.csv (positives, AP, and precision, recall and F1 of the labels
-    above `threshold`, by scikit-learn) and predictions.csv (each image's true and predicted labels and
-    every class's probability, at full float32 precision, in the split's order); logs the weakest classes."""
-    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
-
-    names = [str(c) for c in class_names]
-    picked = scores > threshold
-    precision, recall, f1, positives = precision_recall_fscore_support(targets, picked, average=None,
-                                                                       zero_division=0)
-    lines = ["class,positives,ap,precision,recall,f1\n"]
-    weakest = []
-    for i, name in enumerate(names):
-        ap = 100 * float(average_precision_score(targets[:, i], scores[:, i])) if positives[i] else float("nan")
-        lines.append(_csv_line([name, int(positives[i]), f"{ap:.3f}", f"{100 * precision[i]:.3f}",
-                                f"{100 * recall[i]:.3f}", f"{100 * f1[i]:.3f}"]))
-        if positives[i]:
-            weakest.append((ap, name, int(positives[i])))
-    files = {"per_class": os.path.join(output_dir, "per_class.csv"),
-             "predictions": os.path.join(output_dir, "predictions.csv")}
-    write_text(files["per_class"], "".join(lines))
-
-    def joined(row) -> str:
-        return ";".join(n for n, on in zip(names, row) if on)
-    write_text(files["predictions"], _csv_line(["path", "labels", "predicted"] + names) + "".join(
-        _csv_line([path, joined(targets[k]), joined(picked[k])] + [f"{v:.9g}" for v in scores[k]])
-        for k, path in enumerate(paths)))
-    log("per-class AP, lowest: " + ", ".join(f"{name} {ap:.1f} ({n} positives)"
-                                             for ap, name, n in sorted(weakest)[:5]))
-    log("report: " + ", ".join(files.values()))
-    return files
-
-
-def _csv_line(values: list) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(values)
-    return buffer.getvalue()
 
 
 class Reporter:

@@ -1,6 +1,6 @@
 """`xception eval`: the one evaluation driver. It serves our checkpoints (or any weights file the model
-reads) and exported .onnx graphs (run by onnxruntime), with or without --report (per-class accuracy and
-the confusion matrix). The input size and crop are the weights' own unless a flag says otherwise. A checkpoint
+reads) and exported .onnx graphs (run by onnxruntime), with or without --report (evalreport.py's files) and
+--calibrate (a fitted temperature). The input size and crop are the weights' own unless a flag says otherwise. A checkpoint
 holding an EMA is evaluated with the weights its run ranked higher (--raw-weights, --ema-weights choose);
 --tta flip averages each image's logits with its mirror's (`FlipTTA`)."""
 
@@ -15,15 +15,18 @@ from torch import nn
 from ..config import Config, UserError
 from ..model.deploy import Opened, open_weights
 from ..model.weights import build_model, eval_settings, load_into, weights_choice
-from ..report import write_eval_report, write_multilabel_report
+from ..analysis import expected_calibration_error, fit_temperature, softmax
+from ..checkpoint import Checkpoint
+from ..evalreport import Evaluated, image_groups, write_report
 from ..runtime import rank_zero_log, synchronize
-from .loop import Confusion, evaluate, val_metrics
+from .loop import evaluate, val_metrics
 from .precision import Precision
 from .setup import Run
 
 
 def evaluate_weights(cfg: Config) -> dict:
-    """Evaluate --resume/--weights on DATA/val; print loss, top-1/top-5 and the seed's result block."""
+    """Evaluate --resume/--weights on DATA/val; print the scores and the seed's result block; with --report
+    write evalreport.py's files, with --calibrate fit a temperature and write a checkpoint carrying it."""
     t_start = time.perf_counter()
     if not cfg.resume:
         raise UserError("xception eval needs the weights to evaluate: --resume PATH (or --weights PATH)")
@@ -31,25 +34,28 @@ def evaluate_weights(cfg: Config) -> dict:
                         arch=cfg.arch)
     arch = what.weights.arch if what.weights is not None else "xception"
     size, crop = eval_settings(what.saved, cfg.image_size, cfg.crop_pct, cfg.resume, rank_zero_log(), arch)
+    calibrated = _calibrated_path(cfg, what)
     # Run checks its config again: it gets the file read (a published name is resolved to one), not the name
     run = Run(_labels_as_saved(cfg.replace(image_size=size, crop_pct=crop, resume=what.source), what.saved),
               need_train=False, kind="eval")
     try:
         run.check_classes(what.class_names, cfg.resume, (what.saved or {}).get("multi_label"))
+        positive = _positive(run)
         model, precision, channels_last, device_type = _model(run, what)
         progress = run.report.progress(len(run.val_loader), "eval")
         t0 = time.perf_counter()
         val = evaluate(model, run.val_loader, run.ctx, precision, channels_last, _metrics(run), progress)
         progress.close()
         fps = val["count"] / (time.perf_counter() - t0)
-        run.log(f"eval {cfg.resume}{_variant(what, cfg)} on {val['count']} images: loss {val['loss']:.4f} "
+        run.log(f"eval {cfg.resume}{_variant(what, run.cfg)} on {val['count']} images: loss {val['loss']:.4f} "
                 + score_text(val, run.cfg))
+        temperature = _calibrate(run, what, val, calibrated) if cfg.calibrate else run.cfg.temperature
         if cfg.eval_report and run.ctx.is_main:
-            _report(run, val, os.path.basename(cfg.resume))
+            _report(run, val, temperature, positive, os.path.basename(cfg.resume))
         score = val["map"] if run.cfg.multi_label else val["top1"]
         result = {"fps": fps, "top1": score, "loss": val["loss"], "e2e_seconds": time.perf_counter() - t_start}
         run.report.finish(result, device_type, run.ctx.world_size)
-        return {k: v for k, v in val.items() if k not in ("confusion", "scores", "targets")} | {"fps": fps}
+        return {k: v for k, v in val.items() if k not in ("logits", "targets")} | {"fps": fps, "temperature": temperature}
     finally:
         run.close()
 
@@ -63,28 +69,70 @@ def score_text(val: dict, cfg: Config) -> str:
 
 
 def _labels_as_saved(cfg: Config, saved: dict | None) -> Config:
-    """Weights trained multi-label read their data as multi-label, at their own --threshold unless given."""
+    """Weights trained multi-label read their data as multi-label, at their own --threshold unless given;
+    a calibrated checkpoint's (or graph's) temperature divides the logits."""
     saved = saved or {}
     given = cfg.explicit if cfg.explicit is not None else ("threshold",)
     threshold = cfg.threshold if "threshold" in given or "threshold" not in saved else float(saved["threshold"])
-    return cfg.replace(multi_label=cfg.multi_label or bool(saved.get("multi_label")), threshold=threshold)
+    return cfg.replace(multi_label=cfg.multi_label or bool(saved.get("multi_label")), threshold=threshold,
+                       temperature=float(saved.get("temperature") or 1.0))
+
+
+def _calibrated_path(cfg: Config, what: Opened) -> str | None:
+    """Where --calibrate writes its checkpoint; refused before any work when it cannot be written."""
+    if not cfg.calibrate:
+        return None
+    if what.weights is None or not what.weights.args:
+        raise UserError(f"--calibrate {cfg.resume}: calibrates our checkpoints (it writes a copy carrying the "
+                        f"temperature); give the checkpoint, not an exported graph or foreign weights")
+    if cfg.multi_label or what.saved.get("multi_label"):
+        raise UserError("--calibrate fits one softmax temperature: single-label runs only")
+    stem = os.path.basename(what.source).split(".")[0]
+    path = os.path.join(cfg.output_dir, f"{stem}-calibrated.pth.tar")
+    if os.path.exists(path):
+        raise UserError(f"--calibrate: {path} exists; it is never overwritten: move it or choose another "
+                        f"--output-dir")
+    return path
+
+
+def _calibrate(run: Run, what: Opened, val: dict, out: str) -> float:
+    """Fit the temperature on the evaluated logits (undoing the one they were read with), log the NLL and
+    ECE before and after, and (main process) write the checkpoint with it."""
+    raw = val["logits"] * run.cfg.temperature
+    temperature = fit_temperature(raw, val["targets"])
+    before = expected_calibration_error(softmax(raw, run.cfg.temperature), val["targets"])[0]
+    after = expected_calibration_error(softmax(raw, temperature), val["targets"])[0]
+    run.log(f"calibrate: temperature {temperature:.4f} (was {run.cfg.temperature:g}); ECE {100 * before:.2f}% -> "
+            f"{100 * after:.2f}% on {len(raw)} images; top-1 unchanged")
+    if run.ctx.is_main:
+        ckpt = Checkpoint.load(what.source, "--weights")
+        ckpt.args = dict(ckpt.args, temperature=temperature)
+        ckpt.save(out)
+        run.log(f"calibrate: wrote {out} (eval, predict and export apply its temperature)")
+    return temperature
+
+
+def _positive(run: Run) -> int | None:
+    name = run.cfg.positive
+    if name is None:
+        return None
+    if name not in run.classes:
+        raise UserError(f"--positive {name}: no such class; the classes are {', '.join(map(str, run.classes[:8]))}"
+                        + (" ..." if len(run.classes) > 8 else ""))
+    return list(run.classes).index(name)
 
 
 def _metrics(run: Run) -> list:
-    keep = run.cfg.eval_report
-    metrics = val_metrics(run.ctx, run.cfg.multi_label, run.cfg.threshold, keep)
-    if keep and not run.cfg.multi_label:
-        metrics.append(Confusion(len(run.classes), run.ctx.device))
-    return metrics
+    return val_metrics(run.ctx, run.cfg.multi_label, run.cfg.threshold, run.cfg.eval_report or run.cfg.calibrate)
 
 
-def _report(run: Run, val: dict, title: str) -> None:
-    if run.cfg.multi_label:
-        paths = [path for path, _ in run.val_loader.dataset.split.samples]
-        write_multilabel_report(val["scores"], val["targets"], paths, run.classes, run.cfg.threshold,
-                                run.cfg.output_dir, run.log)
-    else:
-        write_eval_report(val["confusion"], run.classes, run.cfg.output_dir, title, run.log)
+def _report(run: Run, val: dict, temperature: float, positive: int | None, title: str) -> None:
+    split = run.val_loader.dataset.split
+    paths = [path for path, _ in split.samples]
+    ev = Evaluated(val["logits"] * run.cfg.temperature, val["targets"], paths, list(run.classes),
+                   image_groups(run.cfg, paths, split.groups), run.cfg.multi_label, run.cfg.threshold, temperature)
+    before = run.cfg.temperature if run.cfg.calibrate else None
+    write_report(ev, run.cfg.output_dir, positive, run.cfg.target_fpr, title, run.log, before)
 
 
 class FlipTTA(nn.Module):
@@ -132,14 +180,27 @@ def _model(run: Run, what: Opened) -> tuple:
     return _tta(model, run), run.precision, run.channels_last, run.ctx.device.type
 
 
+class Tempered(nn.Module):
+    """The logits of `inner` divided by a calibrated temperature (the ranking, so top-1, is unchanged)."""
+
+    def __init__(self, inner, temperature: float):
+        super().__init__()
+        self.inner, self.temperature = inner, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).float() / self.temperature
+
+
 def _tta(model, run: Run):
     """The model as evaluated: wrapped for --tta (outside torch.compile, so the compiled graph is the plain
-    model's and is reused for the mirror, which has the same shape)."""
-    if run.cfg.tta is None:
-        return model
-    if run.cfg.tta != "flip":
+    model's and is reused for the mirror, which has the same shape), and for a calibrated temperature."""
+    if run.cfg.tta not in (None, "flip"):
         raise UserError(f"--tta {run.cfg.tta}: unknown; the choice is flip")
-    return FlipTTA(model)
+    model = FlipTTA(model) if run.cfg.tta else model
+    if run.cfg.temperature != 1.0:
+        run.log(f"temperature {run.cfg.temperature:.4g} (a calibrated checkpoint): the logits are divided by it")
+        model = Tempered(model, run.cfg.temperature)
+    return model
 
 
 @torch.no_grad()

@@ -12,9 +12,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..analysis import multilabel, sigmoid
 from ..data import to_device
 from ..runtime import DistContext, synchronize
 from .precision import Precision
@@ -241,63 +243,50 @@ class ClassRecall:
 
 
 @dataclass
-class Confusion:
-    """The confusion matrix (true class x predicted class), for `xception eval --report`."""
-    num_classes: int
+class PerImage:
+    """Every image's logits and target, gathered over the processes in the split's order (see
+    _gather_rows), for a report or a calibration: {"logits": N x C, "targets": N (or N x C multi-hot)}."""
     device: torch.device
-    counts: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.counts = torch.zeros(self.num_classes ** 2, dtype=torch.float64, device=self.device)
+    rows: list = field(default_factory=list)  # per batch: logits | targets, float32
+    multi_hot = False  # targets: one class index per image (a column), or multi-hot rows (C columns)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
-        self.counts += torch.bincount(targets * self.num_classes + top[:, 0], minlength=self.num_classes ** 2).double()
+        self.rows.append(torch.cat([logits, targets.reshape(len(targets), -1).float()], dim=1))
 
     def result(self, ctx: DistContext) -> dict:
-        n = self.num_classes
-        return {"confusion": ctx.all_reduce(self.counts).view(n, n).long().cpu()}
+        table = _gather_rows(self.rows, ctx, self.device).numpy()
+        width = table.shape[1] // 2 if self.multi_hot else table.shape[1] - 1
+        targets = table[:, width:]
+        return {"logits": table[:, :width],
+                "targets": targets.astype(np.int8) if self.multi_hot else targets[:, 0].astype(np.int64)}
 
 
 @dataclass
-class MultiLabel:
+class MultiLabel(PerImage):
     """A multi-label evaluation: the summed binary cross-entropy (mean over classes per image), and from
     every image's sigmoid probabilities and multi-hot targets, gathered over the processes, mAP (scikit-
     learn's average_precision_score, the mean over the classes that have a positive), micro F1 and macro F1
     (over the same classes) of the labels whose probability exceeds `threshold`; all in percent. AP is no
-    sum over shares, so the rows are gathered: rank r's k-th row is sample r + kW of the split (EvalSampler's
-    order), which puts them back in the split's order on every rank. `keep`: also return the arrays."""
-    device: torch.device
+    sum over shares, so the rows are gathered (_gather_rows). `keep`: also return the logits and targets."""
     threshold: float = 0.5
     keep: bool = False
-    rows: list = field(default_factory=list)  # per batch: probabilities | targets, N x 2C float32
     loss: float | torch.Tensor = 0.0
+    multi_hot = True
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> None:
         targets = targets.float()
         bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         self.loss = self.loss + bce.mean(dim=1).sum().double()
-        self.rows.append(torch.cat([torch.sigmoid(logits), targets], dim=1))
+        super().update(logits, targets, top)
 
     def result(self, ctx: DistContext) -> dict:
-        import numpy as np
-        from sklearn.metrics import average_precision_score, f1_score
-
-        table = _gather_rows(self.rows, ctx, self.device)
+        gathered = super().result(ctx)
         loss = ctx.all_reduce(torch.as_tensor(self.loss, dtype=torch.float64, device=self.device).reshape(1))
-        count = table.shape[0]
-        c = table.shape[1] // 2
-        scores, truth = table[:, :c].numpy(), table[:, c:].numpy() > 0.5
-        present = truth.any(axis=0)
-        out = {"loss": loss.item() / max(count, 1), "count": count, "map": 0.0, "f1_micro": 0.0, "f1_macro": 0.0}
-        if present.any():
-            picked = scores > self.threshold
-            out["map"] = 100 * float(average_precision_score(truth[:, present], scores[:, present], average="macro"))
-            out["f1_macro"] = 100 * float(f1_score(truth[:, present], picked[:, present], average="macro",
-                                                   zero_division=0))
-            out["f1_micro"] = 100 * float(f1_score(truth, picked, average="micro", zero_division=0))
-        if self.keep:
-            out.update(scores=scores, targets=truth.astype(np.int8))
-        return out
+        count = len(gathered["targets"])
+        _, scores = multilabel(sigmoid(gathered["logits"]), gathered["targets"], self.threshold)
+        out = {"loss": loss.item() / max(count, 1), "count": count,
+               **{k: 100 * scores[k] for k in ("map", "f1_micro", "f1_macro")}}
+        return out | gathered if self.keep else out
 
 
 def _gather_rows(rows: list, ctx: DistContext, device: torch.device) -> torch.Tensor:
@@ -320,10 +309,10 @@ def _gather_rows(rows: list, ctx: DistContext, device: torch.device) -> torch.Te
 
 def val_metrics(ctx: DistContext, multi_label: bool = False, threshold: float = 0.5, keep: bool = False) -> list:
     """The evaluation's metrics: single-label loss, top-1/top-5 and balanced accuracy; multi-label loss,
-    mAP and F1 (`keep`: with each image's probabilities, for a report)."""
+    mAP and F1 (`keep`: with each image's logits and targets, for a report or a calibration)."""
     if multi_label:
-        return [MultiLabel(ctx.device, threshold, keep)]
-    return [TopK(ctx.device), ClassRecall(ctx.device)]
+        return [MultiLabel(ctx.device, threshold=threshold, keep=keep)]
+    return [TopK(ctx.device), ClassRecall(ctx.device)] + ([PerImage(ctx.device)] if keep else [])
 
 
 @torch.no_grad()

@@ -60,7 +60,14 @@ def metadata(model: Xception, image_size: int, crop_pct: float, class_names, sou
             "num_classes": model.num_classes,
             "class_names": class_names, "keras_exact": bool(model.keras_exact), "source_format": source_format,
             "mean": PIXEL_MEAN, "std": PIXEL_STD, "input": "NCHW RGB float32",
-            "multi_label": multi_label, "threshold": threshold, "outputs": outputs}
+            "multi_label": multi_label, "threshold": threshold, "outputs": outputs,
+            "temperature": temperature_of(saved)}
+
+
+def temperature_of(saved: dict | None) -> float:
+    """The temperature `xception eval --calibrate` fitted (the logits are divided by it before the softmax;
+    the graph itself returns the undivided logits); 1 for weights never calibrated."""
+    return float((saved or {}).get("temperature") or 1.0)
 
 
 def _last_conv(module: nn.Module) -> tuple:

@@ -33,7 +33,7 @@ from ..config import MIN_INPUT_SIZE, UserError
 from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
-from ..model.deploy import label_mode, open_weights
+from ..model.deploy import label_mode, open_weights, temperature_of
 from ..model.hub import imagenet_class_names
 from ..model.weights import build_model, eval_settings, locate, weights_choice
 from ..report import Progress
@@ -74,9 +74,10 @@ class Predictor:
     crop_pct: float
     multi_label: bool = False
     threshold: float | None = None
+    temperature: float = 1.0  # a calibrated checkpoint's (or graph's): the logits are divided by it
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        logits = logits.float() / self.temperature
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
@@ -147,7 +148,8 @@ def load_predictor(weights: str, device, opts: PredictOptions, log=print) -> Pre
     if not multi_label and opts.threshold is not None:
         log(f"note: --threshold applies to multi-label weights only; {weights} is single-label (softmax)")
     threshold = (own if opts.threshold is None else opts.threshold) if multi_label else None
-    return Predictor(model, class_names_for(opened.class_names, num), size, pct, multi_label, threshold)
+    return Predictor(model, class_names_for(opened.class_names, num), size, pct, multi_label, threshold,
+                     temperature_of(opened.saved))
 
 
 def weights_file(weights: str, flag: str = "--weights", log=print) -> str:
