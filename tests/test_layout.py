@@ -26,9 +26,9 @@ ROOMS = {
     "data": ["folder", "listfile", "transforms", "check", "loaders", "hfds", "shards", "dali", "__init__"],
     "engine": ["precision", "optim", "mix", "loss", "loop", "ema", "hooks", "setup", "resume", "train", "evaluate", "__init__"],
     "tools": ["__init__", "databench", "syncdebug", "bench", "demo", "export", "predict", "prepare", "average",
-              "models", "split", "explain"],
+              "models", "split", "explain", "quantize"],
 }
-MAX_LAZY_IMPORTS = 17  # imports of our modules inside functions, all in cli.py (one per command, mostly)
+MAX_LAZY_IMPORTS = 18  # imports of our modules inside functions, all in cli.py (one per command, mostly)
 
 
 def module_name(path: str) -> str:

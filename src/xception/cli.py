@@ -68,6 +68,9 @@ def run_explain(args) -> int:
 
 
 def run_export(args) -> int:
+    if args.int8:
+        from .tools import quantize
+        return quantize.run(args)
     from .tools import export
     return export.run(args)
 

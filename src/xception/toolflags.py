@@ -57,6 +57,20 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_int, default=None, metavar="N",
                    help=f"input resolution of the graph (default: the checkpoint's, else {DEFAULT_IMAGE_SIZE})")
     add_weights_choice(p)
+    g = p.add_argument_group("int8 (ONNX)")
+    g.add_argument("--int8", action="store_true",
+                   help="write an INT8 graph (onnxruntime post-training static quantization, QDQ), calibrated on "
+                        "--calibration's train images; kept only if its val top-1 drops at most --max-drop")
+    g.add_argument("--calibration", default=None, metavar="DATA",
+                   help="--int8: an image folder or CSV list file: its train split calibrates, its val split checks")
+    g.add_argument("--calibration-images", type=_int, default=200, metavar="N",
+                   help="--int8: train images to calibrate on (default 200, drawn with a fixed seed)")
+    g.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="--int8: how activation ranges are chosen (default minmax)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                   help="--int8: one weight scale per tensor instead of per output channel")
+    g.add_argument("--max-drop", type=float, default=1.0, metavar="P",
+                   help="--int8: refuse a graph whose val top-1 is more than P points below fp32's (default 1)")
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:

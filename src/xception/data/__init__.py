@@ -23,9 +23,9 @@ from .hfds import hf_loaders, is_hf_source
 from .listfile import read_list_splits
 from .loaders import FolderDataset, FolderLoader, Loader, to_device
 from .shards import is_shard_source, read_index, shard_loader
-from .transforms import build_transform
+from .transforms import build_transform, collate
 
-__all__ = ["Loaders", "Loader", "build_loaders", "to_device"]
+__all__ = ["Loaders", "Loader", "build_loaders", "calibration_images", "to_device"]
 
 
 @dataclass
@@ -73,3 +73,18 @@ def build_loaders(cfg, ctx, need_train: bool, generator: torch.Generator | None 
     train = folder_loader(train_split, True, generator or torch.Generator()) if need_train else None
     return Loaders(val_split.classes, train, folder_loader(val_split, False, torch.Generator()), skipped,
                    val_split.multi_label)
+
+
+def calibration_images(cfg, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` images of the training split of an image folder or a list file (drawn with `seed`), through the
+    eval transform, as the normalised float batch the model takes (INT8 calibration, tools/quantize.py)."""
+    if n < 1:
+        raise UserError(f"--calibration-images must be at least 1, got {n}")
+    listed = read_list_splits(cfg, need_train=True)
+    if listed is None and (is_shard_source(cfg.data_path) or is_hf_source(cfg.data_path)):
+        raise UserError(f"--calibration {cfg.data_path}: give an image folder or a CSV list file")
+    train, _ = listed or scan_dataset(cfg.data_path, need_train=True)
+    chosen = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    dataset = FolderDataset(train, build_transform(cfg, False))
+    images, _ = collate([dataset[i] for i in sorted(chosen)])
+    return to_device(images, torch.device("cpu"), channels_last=False)

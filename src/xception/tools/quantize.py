@@ -1,0 +1,133 @@
+"""`xception export --int8`: an INT8 ONNX graph by post-training static quantization (onnxruntime's
+quantization tools), kept only when it holds its accuracy.
+
+1. The fp32 graph is exported as `xception export` does (BatchNorm folded, verified against PyTorch).
+2. onnxruntime's shape inference and graph optimisation prepare it (quant_pre_process).
+3. Calibration: --calibration-images N images of --calibration DATA's train split (an image folder or a list
+   file; chosen with a fixed seed), through the same eval transform as `xception eval`, are run through the
+   graph to record each activation's range (--calibration-method: minmax, entropy or percentile).
+4. quantize_static writes the QDQ graph: weights int8 per output channel (per tensor with --per-tensor), and
+   activations int8.
+5. Both graphs are evaluated on DATA's val split through `xception eval`'s loop; both top-1s and the drop
+   are printed, and a drop over --max-drop points refuses to write the INT8 file (one line saying what to try).
+The metadata of the fp32 export travels along, with "precision": "int8".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from ..config import Config, UserError
+from ..data import build_loaders, calibration_images
+from ..engine.loop import evaluate
+from ..engine.precision import Precision
+from ..files import WriteError
+from ..model.deploy import META_KEY, OnnxModel
+from ..model.weights import weights_choice
+from ..runtime import DistContext
+from .export import export
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def _quantization():
+    try:
+        import onnxruntime.quantization as q
+    except ImportError:
+        raise UserError("--int8 needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
+    return q
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader over our calibration images, in batches of 8."""
+
+    def __init__(self, images: torch.Tensor, input_name: str):
+        self.parts = iter([{input_name: images[i:i + 8].numpy()} for i in range(0, len(images), 8)])
+
+    def get_next(self):
+        return next(self.parts, None)
+
+
+def quantize(fp32: str, out: str, images: torch.Tensor, method: str = "minmax", per_channel: bool = True) -> None:
+    """Write the INT8 QDQ graph of the fp32 graph `fp32` to `out`, calibrated on `images` (N x 3 x H x W,
+    normalised floats), with the fp32 graph's metadata."""
+    import onnx
+
+    q = _quantization()
+    prepared = fp32 + ".prep.onnx"
+    try:
+        q.quant_pre_process(fp32, prepared, skip_symbolic_shape=True)
+        reader = _Batches(images, "input")
+        method_enum = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                       "percentile": q.CalibrationMethod.Percentile}[method]
+        q.quantize_static(prepared, out, reader, quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                          activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=method_enum, extra_options={"ActivationSymmetric": False})
+    finally:
+        if os.path.exists(prepared):
+            os.unlink(prepared)
+    meta = json.loads({p.key: p.value for p in onnx.load(fp32).metadata_props}[META_KEY])
+    graph = onnx.load(out)
+    del graph.metadata_props[:]
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta | {"precision": "int8", "calibration_method": method,
+                                                          "per_channel": per_channel})
+    onnx.save(graph, out)
+
+
+def top1(path: str, cfg: Config) -> tuple:
+    """(top-1 in percent, images) of an ONNX graph on cfg.data_path's val split, by `xception eval`'s loop."""
+    ctx = DistContext(torch.device("cpu"))
+    loaders = build_loaders(cfg, ctx, need_train=False, log=lambda *a: None)
+    val = evaluate(OnnxModel(path), loaders.val, ctx, Precision("cpu"), False)
+    return val["top1"], val["count"]
+
+
+def export_int8(weights: str, out: str, opts, log=print) -> dict:
+    """`opts`: calibration (DATA), calibration_images, calibration_method, per_channel, max_drop, image_size,
+    choice. Returns {"fp32": top-1, "int8": top-1, "drop": points}."""
+    if opts.calibration_method not in METHODS:
+        raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}, got {opts.calibration_method}")
+    if os.path.exists(out):
+        raise UserError(f"--out {out}: exists; --int8 never writes over a file: remove it or choose another name")
+    folder = os.path.dirname(os.path.abspath(out))
+    with tempfile.TemporaryDirectory(dir=folder if os.path.isdir(folder) else None, prefix=".int8-") as tmp:
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        export(weights, "onnx", fp32, image_size=opts.image_size, log=log, choice=opts.choice)
+        meta = OnnxModel(fp32).meta
+        cfg = Config(data_path=opts.calibration, image_size=meta["image_size"], crop_pct=meta["crop_pct"],
+                     workers=0, batch_size=16, check_data=False, output_dir=tmp)
+        images = calibration_images(cfg, opts.calibration_images, seed=0)
+        log(f"int8: calibrating on {len(images)} train images of {opts.calibration} ({opts.calibration_method}, "
+            f"weights per {'channel' if opts.per_channel else 'tensor'})")
+        int8 = os.path.join(tmp, "int8.onnx")
+        quantize(fp32, int8, images, opts.calibration_method, opts.per_channel)
+        (a, n), (b, _) = top1(fp32, cfg), top1(int8, cfg)
+        drop = a - b
+        log(f"int8: top-1 on {n} val images: fp32 {a:.3f}, int8 {b:.3f}, drop {drop:.3f} points "
+            f"(--max-drop {opts.max_drop:g})")
+        if drop > opts.max_drop:
+            raise UserError(f"--int8: top-1 dropped {drop:.3f} points (fp32 {a:.3f} -> int8 {b:.3f}), more than "
+                            f"--max-drop {opts.max_drop:g}; {out} was not written: try more --calibration-images, "
+                            f"another --calibration-method ({', '.join(m for m in METHODS if m != opts.calibration_method)})"
+                            + ("" if not opts.per_channel else ", or a higher --max-drop"), exit_code=1)
+        try:
+            os.replace(int8, out)
+        except OSError as e:
+            raise WriteError(out, e) from None
+    log(f"wrote {out} (int8 QDQ ONNX, {os.path.getsize(out) / 2 ** 20:.1f} MiB)")
+    return {"fp32": a, "int8": b, "drop": drop}
+
+
+def run(args) -> int:
+    """`xception export --int8 ...` (cli.py sends --int8 here, the rest to export.run)."""
+    if args.format != "onnx" or args.static_batch or not args.calibration:
+        raise UserError("--int8 writes ONNX: give --format onnx and --calibration DATA (images to calibrate and "
+                        "check on), without --static-batch")
+    args.choice = weights_choice(args.raw_weights, args.ema_weights)
+    export_int8(args.weights, args.out, args)
+    return 0

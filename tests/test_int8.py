@@ -1,0 +1,69 @@
+"""`xception export --int8`: onnxruntime's static quantization, calibrated on train images, checked on val,
+refused in one line when top-1 drops more than --max-drop."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_image_folder, one_line_error, run_cli
+from xception.checkpoint import Checkpoint
+from xception.model.weights import build_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def tie(tmp_path_factory):
+    """A checkpoint whose two logits differ by 1e-3 only (identical classifier rows, biases 0 and 1e-3): fp32
+    always says b, while int8's output quantization rounds the two logits together (a tie: argmax a). Its
+    list file's val rows are all b: fp32 top-1 100, int8 0. (checkpoint, list file)."""
+    root = tmp_path_factory.mktemp("int8")
+    data = make_image_folder(root / "data", classes=("a", "b"), n_train=4, n_val=3)
+    rows = [[os.path.join(data, "train", c, f), c, "train"] for c in ("a", "b")
+            for f in sorted(os.listdir(os.path.join(data, "train", c)))]
+    rows += [[os.path.join(data, "val", "b", f), "b", "val"] for f in sorted(os.listdir(os.path.join(data, "val", "b")))]
+    with open(root / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "split"], *rows])
+    torch.manual_seed(0)
+    net = build_model(None, 2, arch="xception").eval()
+    with torch.no_grad():
+        net.fc.weight[1] = net.fc.weight[0]
+        net.fc.bias[:] = torch.tensor([0.0, 1e-3])
+    ckpt = root / "tie.pth.tar"
+    Checkpoint(model=net.state_dict(), arch="xception", class_names=["a", "b"],
+               args={"image_size": 71, "crop_pct": 1.0}).save(str(ckpt))
+    return ckpt, root / "list.csv"
+
+
+@pytest.mark.slow
+def test_a_lossy_int8_graph_is_refused_and_a_kept_one_evaluates_as_printed(tie, tmp_path):
+    ckpt, listed = tie
+    out = tmp_path / "model-int8.onnx"
+    flags = ["export", "--weights", ckpt, "--format", "onnx", "--out", out, "--int8", "--calibration", listed,
+             "--calibration-images", 8]
+    line = one_line_error(run_cli(*flags, "--max-drop", 0))
+    assert "--int8: top-1 dropped 100.000 points (fp32 100.000 -> int8 0.000), more than --max-drop 0" in line
+    assert "was not written" in line and not out.exists() and not list(tmp_path.iterdir())
+    kept = run_cli(*flags, "--max-drop", 100)
+    assert kept.returncode == 0, kept.stderr
+    assert "int8: top-1 on 3 val images: fp32 100.000, int8 0.000, drop 100.000 points" in kept.stdout
+    import onnx
+    graph = onnx.load(str(out))
+    meta = json.loads({p.key: p.value for p in graph.metadata_props}["xception"])
+    assert meta["precision"] == "int8" and meta["class_names"] == ["a", "b"] and meta["image_size"] == 71
+    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+    ev = run_cli("eval", "--data_path", listed, "--weights", out, "--workers", 0, "--output-dir", tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr
+    assert "on 3 images: loss" in ev.stdout and " top1 0.000 " in ev.stdout  # the INT8 top-1 export printed
+    again = one_line_error(run_cli(*flags, "--max-drop", 100))
+    assert "exists" in again and out.exists()  # never written over
+
+
+def test_int8_needs_calibration_data(tie, tmp_path):
+    line = one_line_error(run_cli("export", "--weights", tie[0], "--format", "onnx", "--out", tmp_path / "x.onnx",
+                                  "--int8"))
+    assert "--int8 writes ONNX: give --format onnx and --calibration DATA" in line
