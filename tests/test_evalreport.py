@@ -199,3 +199,43 @@ def test_the_temperature_travels_to_onnx_and_back(trained_run, calibrated, tmp_p
     ref = json.loads(run_cli("predict", os.path.join(data, "val"), "--weights", calibrated, "--json").stdout)
     assert [p["top"][0]["probability"] for p in pred["predictions"]] == pytest.approx(
         [p["top"][0]["probability"] for p in ref["predictions"]], abs=1e-4)
+
+
+def gathered_by_two_ranks(rows_of):
+    """_gather_rows on two simulated ranks (threads) whose all_reduce sums what both hand in at each call."""
+    import threading
+    from types import SimpleNamespace
+    from xception.engine.loop import _gather_rows
+    barrier, calls, out = threading.Barrier(2), {}, {}
+
+    def all_reduce(rank, tensor, op="sum"):
+        key = len([k for k in calls if k[0] == rank])
+        calls[(rank, key)] = tensor.clone()
+        barrier.wait()
+        both = [calls[(r, key)] for r in (0, 1)]
+        result = torch.stack(both).max(0).values if op == "max" else both[0] + both[1]
+        barrier.wait()
+        tensor.copy_(result)
+        return tensor
+
+    def rank(r):
+        ctx = SimpleNamespace(distributed=True, world_size=2, rank=r,
+                              all_reduce=lambda t, op="sum": all_reduce(r, t, op))
+        out[r] = _gather_rows(rows_of[r], ctx, torch.device("cpu"))
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(out[0], out[1])
+    return out[0]
+
+
+def test_gathered_rows_come_back_in_the_splits_order_or_in_rank_order():
+    rows = torch.arange(10, dtype=torch.float32).view(5, 2)  # samples 0..4, two columns each
+    # EvalSampler: rank 0 holds samples 0, 2, 4, rank 1 holds 1, 3 (in two batches)
+    interleaved = gathered_by_two_ranks({0: [rows[0::2]], 1: [rows[1:2], rows[3:4]]})
+    assert torch.equal(interleaved, rows)
+    # a pipeline sharding otherwise (4 and 1 rows): rank 0's rows first, then rank 1's
+    other = gathered_by_two_ranks({0: [rows[[4, 0, 1, 2]]], 1: [rows[[3]]]})
+    assert torch.equal(other, rows[[4, 0, 1, 2, 3]])

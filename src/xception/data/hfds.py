@@ -247,6 +247,7 @@ class Samples:
 class HfSplit:
     """A split of a Hugging Face dataset in folder.Split's shape; `read(row)` gives the row's encoded image."""
     multi_label = False  # one label per row (a Sequence of ClassLabel is refused when the labels are read)
+    groups = None  # no group column
 
     def __init__(self, path: str, part: str, classes: list, ds, column: str, targets: np.ndarray):
         self.root, self.part, self.classes, self.column = f"{show(path)} [{part}]", part, classes, column

@@ -56,6 +56,15 @@ class Loader:
     def skipped(self) -> int:
         return 0
 
+    def sample_names(self) -> list | None:
+        """Each sample's name (its path, or what names a dataset row) in the split's order, where the pipeline
+        lists its samples (image folders, list files, datasets); None where it streams them (shards, DALI)."""
+        return None
+
+    def sample_groups(self) -> list | None:
+        """Each sample's group (a list file's group column), in the split's order; None without one."""
+        return None
+
 
 def per_process(cfg, ctx) -> tuple:
     """(batch per process, loader workers per process). -b is the global batch and --workers the node's
@@ -189,7 +198,7 @@ class FolderDataset(Dataset):
     def __init__(self, split: Split, transform: FileTransform, skip_bad: bool = False):
         self.split, self.transform, self.skip_bad = split, transform, skip_bad
         self.counts = torch.zeros(COUNTER_SLOTS, dtype=torch.int64).share_memory_()
-        self.num_classes = len(split.classes) if getattr(split, "multi_label", False) else None
+        self.num_classes = len(split.classes) if split.multi_label else None
 
     def __len__(self) -> int:
         return len(self.split.samples)
@@ -255,6 +264,12 @@ class FolderLoader(Loader):
 
     def skipped(self) -> int:
         return int(self.dataset.counts.sum())
+
+    def sample_names(self) -> list:
+        return [self.dataset.name(key) for key, _ in self.dataset.split.samples]
+
+    def sample_groups(self) -> list | None:
+        return self.dataset.split.groups
 
 
 def skip_batches(batches: Iterator, steps: int) -> Iterator:

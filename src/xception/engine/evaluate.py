@@ -40,7 +40,7 @@ def evaluate_weights(cfg: Config) -> dict:
               need_train=False, kind="eval")
     try:
         run.check_classes(what.class_names, cfg.resume, (what.saved or {}).get("multi_label"))
-        positive = _positive(run)
+        positive = _report_settings(run)
         model, precision, channels_last, device_type = _model(run, what)
         progress = run.report.progress(len(run.val_loader), "eval")
         t0 = time.perf_counter()
@@ -112,7 +112,11 @@ def _calibrate(run: Run, what: Opened, val: dict, out: str) -> float:
     return temperature
 
 
-def _positive(run: Run) -> int | None:
+def _report_settings(run: Run) -> int | None:
+    """Refuse report flags that do not fit the data before evaluating; the index of --positive (or None)."""
+    if (run.cfg.group_by or run.cfg.group_regex) and run.val_loader.sample_names() is None:
+        raise UserError("--group-by/--group-regex need the images' names: an image folder, a list file or a "
+                        "dataset, not a shard set or --loader dali")
     name = run.cfg.positive
     if name is None:
         return None
@@ -127,10 +131,11 @@ def _metrics(run: Run) -> list:
 
 
 def _report(run: Run, val: dict, temperature: float, positive: int | None, title: str) -> None:
-    split = run.val_loader.dataset.split
-    paths = [path for path, _ in split.samples]
-    ev = Evaluated(val["logits"] * run.cfg.temperature, val["targets"], paths, list(run.classes),
-                   image_groups(run.cfg, paths, split.groups), run.cfg.multi_label, run.cfg.threshold, temperature)
+    # a streamed split (shards, DALI) names its rows by position
+    names = run.val_loader.sample_names() or [f"#{k}" for k in range(len(val["targets"]))]
+    ev = Evaluated(val["logits"] * run.cfg.temperature, val["targets"], names, list(run.classes),
+                   image_groups(run.cfg, names, run.val_loader.sample_groups()), run.cfg.multi_label,
+                   run.cfg.threshold, temperature)
     before = run.cfg.temperature if run.cfg.calibrate else None
     write_report(ev, run.cfg.output_dir, positive, run.cfg.target_fpr, title, run.log, before)
 

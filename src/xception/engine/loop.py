@@ -290,20 +290,24 @@ class MultiLabel(PerImage):
 
 
 def _gather_rows(rows: list, ctx: DistContext, device: torch.device) -> torch.Tensor:
-    """Every process's rows (N_r x K) in the split's order, on the CPU: rank r's k-th row is row r + kW."""
-    mine = torch.cat(rows) if rows else None
+    """Every process's rows (N_r x K), on the CPU, in the split's order: rank r's k-th row goes to row r + kW,
+    which undoes EvalSampler's interleaving. A pipeline that shards otherwise (its counts are not that
+    interleaving's) gets the ranks' rows one after the other, in rank order."""
+    mine = torch.cat(rows).float() if rows else None
     if not ctx.distributed:
         return mine.cpu() if mine is not None else torch.zeros(0, 0)
-    shape = torch.tensor([0.0 if mine is None else mine.shape[0], 0.0 if mine is None else mine.shape[1]],
-                         dtype=torch.float64, device=device)
-    counts = torch.zeros(ctx.world_size, dtype=torch.float64, device=device)
-    counts[ctx.rank] = shape[0]
-    counts = ctx.all_reduce(counts)
-    width = int(ctx.all_reduce(shape[1:].clone(), "max").item())
-    total = int(counts.sum().item())
-    table = torch.zeros(total, width, dtype=torch.float32, device=device)
+    sizes = torch.zeros(2, ctx.world_size, dtype=torch.float64, device=device)  # rows, width per rank
     if mine is not None:
-        table[ctx.rank::ctx.world_size] = mine.float()
+        sizes[:, ctx.rank] = torch.tensor(mine.shape, dtype=torch.float64)
+    counts, widths = ctx.all_reduce(sizes).long().tolist()
+    total, w = sum(counts), ctx.world_size
+    table = torch.zeros(total, max(widths), dtype=torch.float32, device=device)
+    if mine is not None:
+        if all(n == len(range(r, total, w)) for r, n in enumerate(counts)):
+            table[ctx.rank::w] = mine
+        else:
+            start = sum(counts[:ctx.rank])
+            table[start:start + len(mine)] = mine
     return ctx.all_reduce(table).cpu()
 
 
