@@ -9,6 +9,19 @@ from .config import ARCHS, AUTO_AUGMENT, DEFAULT_IMAGE_SIZE, DEFAULT_OPSET, Shar
 from .flags import _int, add_weights_choice
 
 
+def _add_images(p: argparse.ArgumentParser) -> None:
+    """predict's and explain's positional images."""
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+
+
+def _add_input_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=_int, default=None, help="override the weights' input resolution")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+
+
 def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="xception-demo", help="where data, checkpoint and metrics go "
                                                                 "(default ./xception-demo)")
@@ -18,7 +31,7 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_predict_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    _add_images(p)
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="our checkpoint, a timm/Cadene .pth/.safetensors, a Keras .h5, or an exported .onnx "
                         "(or a NAME as for --pretrained)")
@@ -35,9 +48,9 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("-b", "--batch-size", type=_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("-j", "--workers", type=_int, default=0, help="image-decoding worker processes (default 0)")
-    p.add_argument("--image-size", type=_int, default=None, help="override the weights' input resolution")
+    _add_input_size(p)
     p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    _add_device(p)
     add_weights_choice(p)
 
 
@@ -194,7 +207,7 @@ def add_split_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_explain_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    _add_images(p)
     p.add_argument("--weights", required=True, metavar="PATH",
                    help="our checkpoint, a timm/Cadene .pth/.safetensors or a Keras .h5 (not an exported .onnx: "
                         "Grad-CAM needs gradients), or a published NAME: imagenet, keras, hf-hub:ORG/REPO[@REV]")
@@ -203,5 +216,5 @@ def add_explain_flags(p: argparse.ArgumentParser) -> None:
                         "files are kept: a new one gets a -1, -2 ... suffix")
     p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                    help="explain this class for every image (default: each image's top predicted class)")
-    p.add_argument("--image-size", type=_int, default=None, help="override the weights' input resolution")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    _add_input_size(p)
+    _add_device(p)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,17 @@ from ..runtime import DistContext
 from .export import export
 
 METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class Int8Options:
+    calibration: str  # DATA: its train split calibrates, its val split checks
+    calibration_images: int = 200
+    calibration_method: str = "minmax"  # one of METHODS
+    per_channel: bool = True  # int8 weights per output channel (else per tensor)
+    max_drop: float = 1.0  # refuse a graph whose val top-1 is more than this many points below fp32's
+    image_size: int | None = None  # None: the weights' own
+    choice: str = "best"  # of a checkpoint holding an EMA too (weights.from_checkpoint)
 
 
 def _quantization():
@@ -87,9 +99,9 @@ def top1(path: str, cfg: Config) -> tuple:
     return val["top1"], val["count"]
 
 
-def export_int8(weights: str, out: str, opts, log=print) -> dict:
-    """`opts`: calibration (DATA), calibration_images, calibration_method, per_channel, max_drop, image_size,
-    choice. Returns {"fp32": top-1, "int8": top-1, "drop": points}."""
+def export_int8(weights: str, out: str, opts: Int8Options, log=print) -> dict:
+    """Write the INT8 graph of `weights` to `out` if it keeps its accuracy. Returns {"fp32": top-1, "int8":
+    top-1, "drop": points}."""
     if opts.calibration_method not in METHODS:
         raise UserError(f"--calibration-method must be one of {', '.join(METHODS)}, got {opts.calibration_method}")
     if os.path.exists(out):
@@ -114,7 +126,8 @@ def export_int8(weights: str, out: str, opts, log=print) -> dict:
             raise UserError(f"--int8: top-1 dropped {drop:.3f} points (fp32 {a:.3f} -> int8 {b:.3f}), more than "
                             f"--max-drop {opts.max_drop:g}; {out} was not written: try more --calibration-images, "
                             f"another --calibration-method ({', '.join(m for m in METHODS if m != opts.calibration_method)})"
-                            + ("" if not opts.per_channel else ", or a higher --max-drop"), exit_code=1)
+                            + (", --per-tensor" if opts.per_channel else ", per-channel weights (without --per-tensor)")
+                            + " or a higher --max-drop", exit_code=1)
         try:
             os.replace(int8, out)
         except OSError as e:
@@ -128,6 +141,7 @@ def run(args) -> int:
     if args.format != "onnx" or args.static_batch or not args.calibration:
         raise UserError("--int8 writes ONNX: give --format onnx and --calibration DATA (images to calibrate and "
                         "check on), without --static-batch")
-    args.choice = weights_choice(args.raw_weights, args.ema_weights)
-    export_int8(args.weights, args.out, args)
+    opts = Int8Options(args.calibration, args.calibration_images, args.calibration_method, args.per_channel,
+                       args.max_drop, args.image_size, weights_choice(args.raw_weights, args.ema_weights))
+    export_int8(args.weights, args.out, opts)
     return 0
