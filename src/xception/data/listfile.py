@@ -227,8 +227,9 @@ def read_list_splits(cfg, need_train: bool):
                         f"folder, a text list, a shard set or a dataset is evaluated on its val split")
     if not text and not is_list_file(cfg.data_path):
         if cfg.multi_label:
-            raise UserError("--multi-label reads a list file (a CSV --data_path, or --train-list and --val-list) "
-                            "whose label cells name several classes, like cat;dog")
+            raise UserError(f"--data_path {cfg.data_path}: several labels per image (--multi-label, or weights "
+                            f"trained multi-label) are read from a list file (a CSV --data_path, or --train-list "
+                            f"and --val-list) whose label cells name several classes, like cat;dog")
         if cfg.classes_file:
             raise UserError("--classes orders the classes of a list file (a CSV --data_path, or --train-list "
                             "and --val-list); an image folder's classes are its sub-folders, a shard set's "
