@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .xception import OUTPUT_STRIDES, Network, dilate_depthwise, restride
+from .xception import OUTPUT_STRIDES, Network, check_head_settings, dilate_depthwise, restride
 
 MIDDLE_CHANNELS = 728
 
@@ -101,7 +101,18 @@ def separable_bn(in_channels: int, out_channels: int, stride: int, eps: float, r
     return nn.Sequential(layers)
 
 
-class Block(nn.Module):
+class _Residual(nn.Module):
+    """What both block kinds end with: the separable stack on `x`, plus the shortcut (identity where None)
+    in a residual block."""
+
+    def stack_and_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stack(x)
+        if not self.residual:
+            return out
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class Block(_Residual):
     """Post-activation block: three (ReLU -> separable conv+BN), plus a shortcut: identity where the
     shape is kept, else a strided 1x1 conv + BN. The last block of the network has no shortcut, puts its
     ReLUs inside the separable convolutions instead, and so ends on a ReLU."""
@@ -123,10 +134,7 @@ class Block(nn.Module):
         self.stack = nn.Sequential(stack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.stack(x)
-        if not self.residual:
-            return out
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        return self.stack_and_shortcut(x)
 
     def set_stride(self, stride: int, dilation: int) -> None:
         set_block_stride(self, self.shortcut.conv if self.shortcut is not None else None, stride, dilation)
@@ -158,7 +166,7 @@ class PreSeparable(nn.Module):
         return self.conv_pw(self.conv_dw(x))
 
 
-class PreBlock(nn.Module):
+class PreBlock(_Residual):
     """Pre-activation block: BN -> ReLU on the input, which then feeds both the three separable convs and
     the shortcut (identity, or a bare strided 1x1 conv where the shape changes; none in the last block)."""
 
@@ -178,11 +186,7 @@ class PreBlock(nn.Module):
         self.stack = nn.Sequential(stack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm(x))
-        out = self.stack(x)
-        if not self.residual:
-            return out
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        return self.stack_and_shortcut(self.act(self.norm(x)))
 
     def set_stride(self, stride: int, dilation: int) -> None:
         set_block_stride(self, self.shortcut, stride, dilation)
@@ -196,10 +200,7 @@ class XceptionAligned(Network):
 
     def __init__(self, spec: AlignedSpec, num_classes: int = 1000, drop_rate: float = 0.0, in_chans: int = 3):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        check_head_settings(num_classes, drop_rate)
         self.spec, self.arch = spec, spec.name
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.output_stride, self.grad_checkpointing, self.min_input_size = 32, False, 1
@@ -212,31 +213,7 @@ class XceptionAligned(Network):
         self.num_features = spec.final[-1]
         # The post-activation last block ends on a ReLU already; the pre-activation one ends on a conv.
         self.act = nn.ReLU(inplace=True) if spec.preact else nn.Identity()
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """The same initialisation as our Xception (see xception.py for why): Kaiming-normal fan-in
-        convolutions, identity BatchNorms, a near-zero classifier. A net on the meta device (built for its
-        shapes, see family.py) has nothing to draw, and drawing there would import torch's compiler."""
-        if self.fc.weight.is_meta:
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.reset_classifier(self.num_classes)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised one for `num_classes` (fine-tuning)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes, device=self.fc.weight.device)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        self.add_head(drop_rate)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:

@@ -198,14 +198,9 @@ def _hub_weights(repo: str, revision: str | None, spec: str, flag: str) -> str:
     """The local path of the repository's model.safetensors, or of its pytorch_model.bin where it has none."""
     missing = []
     for filename in WEIGHT_FILES:
-        try:
-            return _download(repo, filename, revision)
-        except Exception as e:
-            if not _handled(e):
-                raise
-            if not _file_missing(e):
-                raise _hub_error(e, repo, filename, revision, spec, flag) from None
-            missing.append(e)
+        path = _hub_file(repo, filename, revision, spec, flag, missing)
+        if path is not None:
+            return path
     from huggingface_hub import constants
 
     why = (f"HF_HUB_OFFLINE is set and neither file is in the cache ({constants.HF_HUB_CACHE})"
@@ -213,12 +208,19 @@ def _hub_weights(repo: str, revision: str | None, spec: str, flag: str) -> str:
     raise _hub_error(missing[0], repo, " or ".join(WEIGHT_FILES), revision, spec, flag, why=why) from None
 
 
-def _hub_file(repo: str, filename: str, revision: str | None, spec: str, flag: str) -> str:
+def _hub_file(repo: str, filename: str, revision: str | None, spec: str, flag: str,
+              missing: list | None = None) -> str | None:
+    """The local path of one file of the repository. With `missing` given, a file the repository lacks (or
+    that HF_HUB_OFFLINE keeps out of reach) is appended there as its error and None is returned; any other
+    failure is a one-line error."""
     try:
         return _download(repo, filename, revision)
     except Exception as e:
         if not _handled(e):
             raise
+        if missing is not None and _file_missing(e):
+            missing.append(e)
+            return None
         raise _hub_error(e, repo, filename, revision, spec, flag) from None
 
 

@@ -206,6 +206,13 @@ def sep_bn_relu(in_channels: int, out_channels: int, bn_eps: float) -> nn.Sequen
     )
 
 
+def check_head_settings(num_classes: int, drop_rate: float) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+
+
 class Network(nn.Module):
     """What every network of the family shares around its own body (`body`, `check_input`,
     `feature_chain`): the head (global pool, dropout, a top-level `fc`: the names the weight loader and the
@@ -231,6 +238,35 @@ class Network(nn.Module):
             return x
         return self.body(x)
 
+    def add_head(self, drop_rate: float) -> None:
+        """Global pool, dropout and a `num_classes`-way `fc` after the body (registered last, so the
+        state dict lists them last), then every weight initialised."""
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, self.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal fan-in convolutions, identity BatchNorms, a near-zero classifier. A net on the meta
+        device (built for its shapes, see family.py) has nothing to draw, and drawing there would import
+        torch's compiler."""
+        if self.fc.weight.is_meta:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a freshly initialised one for ``num_classes`` (fine-tuning)."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes, device=self.fc.weight.device)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.global_pool(features), 1)))
 
@@ -249,10 +285,7 @@ class Xception(Network):
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, in_chans: int = 3,
                  keras_exact: bool = False):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        check_head_settings(num_classes, drop_rate)
         self.num_classes, self.drop_rate, self.keras_exact = num_classes, drop_rate, keras_exact
         eps = BN_EPS[keras_exact]
         self.num_features = 2048
@@ -272,27 +305,7 @@ class Xception(Network):
             sep_bn_relu(1024, 1536, bn_eps=eps),
             sep_bn_relu(1536, 2048, bn_eps=eps),
         )
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.reset_classifier(self.num_classes)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised one for ``num_classes`` (fine-tuning)."""
-        device = self.fc.weight.device if hasattr(self, "fc") else None
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes, device=device)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        self.add_head(drop_rate)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
