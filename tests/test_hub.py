@@ -8,6 +8,7 @@ No test reaches another host: HF_ENDPOINT and the Keras base URL are the loopbac
 `socket.create_connection` refuses any other address while a test runs.
 """
 
+import base64
 import hashlib
 import http.server
 import json
@@ -51,6 +52,9 @@ class FakeHub:
 
             def do_GET(self):
                 fake.answer(self, body=True)
+
+            def do_POST(self):
+                fake.receive(self)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -103,6 +107,37 @@ class FakeHub:
             etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         self._send(handler, 200, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"',
                                   "Content-Type": "application/octet-stream"}, data, body)
+
+
+    def receive(self, handler):
+        """The Hub's upload API as huggingface_hub's create_repo and upload_folder use it: create a repository,
+        validate the model card's YAML, ask each file's upload mode ("regular": its bytes travel inside the
+        commit, base64, so no LFS transfer is needed), then the commit (NDJSON), stored into `repos`."""
+        size = int(handler.headers.get("Content-Length") or 0)
+        data, path = handler.rfile.read(size), handler.path
+        self.requests.append(("POST", path))
+        reply = {"error": "not found"}
+        if path == "/api/repos/create":
+            request = json.loads(data)
+            repo = f"{request['organization']}/{request['name']}"
+            self.repos.setdefault(repo, {})
+            reply = {"url": f"{self.url}/{repo}"}
+        elif path == "/api/validate-yaml":
+            reply = {"errors": [], "warnings": []}
+        elif (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)) is not None:
+            repo, step = m.group(1), m.group(2)
+            if step == "preupload":
+                reply = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in json.loads(data)["files"]]}
+            else:
+                for line in data.decode().splitlines():
+                    entry = json.loads(line)
+                    if entry["key"] == "file":
+                        self.repos[repo][entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+                reply = {"commitUrl": f"{self.url}/{repo}/commit/{COMMIT}", "commitOid": COMMIT,
+                         "commitMessage": "upload"}
+        status = 404 if "error" in reply else 200
+        self._send(handler, status, {"Content-Type": "application/json"}, json.dumps(reply).encode(), True)
 
 
 def timm_config(architecture, num_classes=1000):

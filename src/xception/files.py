@@ -26,6 +26,17 @@ def show(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def check_new_path(path: str, command: str, flag: str = "--out") -> None:
+    """Refuse an output path that exists (a command never writes over a file or folder of the user's) or
+    whose folder does not."""
+    if os.path.lexists(path):
+        raise UserError(f"{flag} {show(path)}: already exists; xception {command} never writes over it, choose "
+                        f"another path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {show(path)}: folder {show(folder)} does not exist")
+
+
 def make_folder(path: str, flag: str) -> None:
     """Create the folder `flag` names (and its parents) if needed; refuse one that cannot be written to."""
     try:

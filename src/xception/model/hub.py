@@ -110,7 +110,8 @@ def resolve_pretrained(spec: str, arch: str = "xception", flag: str = "--pretrai
 
 def preprocessing_of(path: str) -> dict:
     """The eval input settings ({"image_size": N, "crop_pct": F}, either may be absent) that the pretrained_cfg
-    of the hf-hub repository whose weights file `path` is gives; {} for any other file."""
+    of the hf-hub repository whose weights file `path` is gives, and its config's label names ("class_names",
+    where it has them); {} for any other file."""
     return dict(_PREPROCESSING.get(os.path.abspath(path), {}))
 
 
@@ -145,7 +146,11 @@ def _hub_config(repo: str, revision: str | None, spec: str, flag: str) -> tuple[
     if ours is None:
         raise UserError(f"{flag} {spec}: {repo} holds a {name} model, not one of ours; its config.json must name "
                         f"one of {', '.join(sorted(TIMM_ARCHS))}")
-    return ours, _preprocessing(config.get("pretrained_cfg"), f"{flag} {spec}: {repo}'s config.json")
+    settings = _preprocessing(config.get("pretrained_cfg"), f"{flag} {spec}: {repo}'s config.json")
+    labels = config.get("label_names")  # timm's field; xception export --format hf writes it
+    if isinstance(labels, list) and labels and all(isinstance(n, str) for n in labels):
+        settings["class_names"] = labels
+    return ours, settings
 
 
 def _preprocessing(pretrained, where: str) -> dict:

@@ -71,6 +71,38 @@ def from_timm(state: dict, head: str) -> tuple:
     return out, origin
 
 
+def to_timm(state: dict, arch: str) -> dict:
+    """Our names -> timm's, the inverse of from_timm (legacy_xception, classifier fc) and of from_timm_aligned
+    (the aligned family keeps our names but for the classifier, timm's head.fc)."""
+    if arch != "xception":
+        return {("head." + k if k.startswith("fc.") else k): v for k, v in state.items()}
+    names = {}
+    for n, ours in ((1, "entry_flow.0"), (2, "entry_flow.1")):
+        names.update({f"{ours}.0.": f"conv{n}.", f"{ours}.1.": f"bn{n}."})
+    for n, ours in ((3, "exit_flow.1"), (4, "exit_flow.2")):
+        names.update({f"{ours}.0.depthwise.": f"conv{n}.conv1.", f"{ours}.0.pointwise.": f"conv{n}.pointwise.",
+                      f"{ours}.1.": f"bn{n}."})
+    for b, ours in enumerate(BLOCKS, start=1):
+        units = [f"{ours}.sep1", f"{ours}.sep2"] if ours in DOWN_BLOCKS else [f"{ours}.body.{i}" for i in range(3)]
+        index = 0
+        for j, unit in enumerate(units):
+            index += 0 if b == 1 and j == 0 else 1  # timm's rep: a ReLU before every unit but block1's first
+            names.update({f"{unit}.conv.depthwise.": f"block{b}.rep.{index}.conv1.",
+                          f"{unit}.conv.pointwise.": f"block{b}.rep.{index}.pointwise.",
+                          f"{unit}.bn.": f"block{b}.rep.{index + 1}."})
+            index += 2
+        if ours in DOWN_BLOCKS:
+            names.update({f"{ours}.shortcut.0.": f"block{b}.skip.", f"{ours}.shortcut.1.": f"block{b}.skipbn."})
+    names["fc."] = "fc."
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in names if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"no timm name for our {key}")
+        out[names[prefix] + key[len(prefix):]] = value
+    return out
+
+
 def is_timm_aligned_naming(state: dict) -> bool:
     """timm's aligned Xceptions (and ours, aligned.py, which keep timm's names): a stem and blocks."""
     return any(k.startswith("stem.") for k in state) and any(k.startswith("blocks.") for k in state)

@@ -108,7 +108,11 @@ def read_weights(path: str, flag: str = "--weights", choice: str = "model", arch
     run's (eval_settings reads them there); settings the file itself holds win."""
     path = locate(path, flag, arch)
     weights = _read_file(path, flag, choice)
-    published = {k: v for k, v in preprocessing_of(path).items() if weights.args.get(k) is None}
+    published = preprocessing_of(path)
+    names = published.pop("class_names", None)
+    if weights.class_names is None and names is not None and len(names) == weights.num_classes:
+        weights.class_names = names
+    published = {k: v for k, v in published.items() if weights.args.get(k) is None}
     if published:
         weights.args = {**weights.args, **published}
     return weights

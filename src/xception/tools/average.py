@@ -18,25 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 
 from ..checkpoint import Checkpoint
 from ..config import UserError
+from ..files import check_new_path
 from ..model.hub import is_name
 from ..model.weights import Weights, from_checkpoint, weights_choice
 
 FLAG = "checkpoint"  # how an input is named in messages: "checkpoint PATH: no such file"
-
-
-def _check_out(out: str) -> None:
-    if os.path.lexists(out):
-        raise UserError(f"--out {out}: already exists; xception average never writes over a file, choose "
-                        f"another path")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out}: folder {folder} does not exist")
 
 
 def _check_same(first: Checkpoint, ckpt: Checkpoint, ref: dict, state: dict, path: str, first_path: str) -> None:
@@ -86,7 +77,7 @@ def average(paths: list, out: str, choice: str = "best", log=print) -> Checkpoin
             raise UserError(f"{FLAG} {path}: published weights by name are not checkpoints of ours; xception "
                             f"average takes checkpoints of one network and class list (e.g. a run's kept epochs): "
                             f"train from {path} with --pretrained {path} and average that run's checkpoints")
-    _check_out(out)
+    check_new_path(out, "average")
     first = ref = sums = None
     epoch = 0
     for path in paths:
@@ -109,7 +100,7 @@ def average(paths: list, out: str, choice: str = "best", log=print) -> Checkpoin
     mean = {k: (s / len(paths)).to(ref[k].dtype) if ref[k].is_floating_point() else s for k, s in sums.items()}
     result = Checkpoint(model=mean, epoch=epoch, arch=first.arch, best_acc1=-math.inf, args=dict(first.args),
                         class_names=first.class_names, keras_exact=first.keras_exact)
-    _check_out(out)  # once more: the inputs took a while to read, and we never write over a file
+    check_new_path(out, "average")  # once more: the inputs took a while to read, and we never write over a file
     result.save(out)
     log(f"wrote {out}: the mean of {len(paths)} checkpoint(s) ({len(mean)} tensors; epoch {epoch}; not resumable, "
         f"use it with eval, predict, export or --pretrained)")
