@@ -1,6 +1,7 @@
 """Where a run executes: the device, the process group (one process per device; torchrun sets the
-environment), the local launcher and its report of a failed rank, the CPUs this process may use, the
-random streams of a process, and BatchNorm synchronised across processes."""
+environment, or srun's task variables become torchrun's), the local launcher and its report of a failed
+rank, the CPUs this process may use, the random streams of a process, and BatchNorm synchronised across
+processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import datetime
 import importlib.util
 import os
 import random
+import re
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -53,6 +56,81 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if kind in ("cuda", "npu") and ":" not in name:
         return torch.device(kind, local_rank)
     return torch.device(name)
+
+
+def _tasks_here(spec: str, node: int) -> int:
+    """The entry for node `node` of SLURM's tasks-per-node list, e.g. "2(x3),1": 2 tasks on each of the
+    first three nodes, 1 on the fourth."""
+    counts = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(node, len(counts) - 1)]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[07-09,12],cpu1" -> "gpu07"): `scontrol show hostnames`
+    when scontrol is there, else the list's own first name."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^,\[]*)(?:\[([^\],-]*))?", nodelist)
+    return match.group(1) + (match.group(2) or "")
+
+
+def srun_env(env) -> dict:
+    """torchrun's variables for a task that srun started (one task per device), or {} outside a job step.
+    The batch script of an sbatch job also carries SLURM_NTASKS and SLURM_PROCID, but no step id: it is
+    one process. The rendezvous: the job's first node, port 15000 + job id % 20000, unless MASTER_ADDR and
+    MASTER_PORT are set."""
+    if env.get("SLURM_PROCID") is None or (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")) is None:
+        return {}
+    try:
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1")
+        rank, local = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
+        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        local_world = _tasks_here(spec, int(env.get("SLURM_NODEID", "0"))) if spec else world
+        job = int(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0")
+    except ValueError as e:
+        raise UserError(f"cannot read the SLURM task layout from the environment ({e})")
+    if world < 2:
+        return {}  # one task: a single process, which may start --nproc processes itself
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    return {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(local_world),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(15000 + job % 20000)}
+
+
+LAUNCHER = {}  # what adopt_launcher() saw: {"name": ..., "line": ...}
+
+
+def adopt_launcher(env=None) -> str:
+    """Which launcher started this process: "torchrun" (its WORLD_SIZE/RANK win, also under `srun
+    torchrun`), "srun" (SLURM's task variables become torchrun's), or "single process". LAUNCHER["line"]
+    says it in words. Idempotent: once srun's variables are adopted, the process stays an srun task."""
+    env = os.environ if env is None else env
+    if LAUNCHER.get("name") == "srun" and env is os.environ:
+        return "srun"
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    in_job = f" in SLURM job {job}" if job else ""
+    if env.get("WORLD_SIZE") is not None:
+        name = "torchrun" if env.get("TORCHELASTIC_RUN_ID") else "WORLD_SIZE/RANK from the environment"
+        line = f"{name}{in_job}: {env['WORLD_SIZE']} processes"
+    elif (tasks := srun_env(env)):
+        env.update(tasks)
+        step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+        name, line = "srun", (f"srun (SLURM job {job} step {step}): {tasks['WORLD_SIZE']} tasks, "
+                              f"{tasks['LOCAL_WORLD_SIZE']} on this node, rendezvous "
+                              f"{tasks['MASTER_ADDR']}:{tasks['MASTER_PORT']}")
+    else:
+        name, line = "single process", "single process" + in_job
+    LAUNCHER.update(name=name, line=line)
+    return name
 
 
 def rank_zero_log():
@@ -152,12 +230,19 @@ def configure_kernels(device: torch.device, deterministic: bool = False) -> None
 
 def setup(device_name: str, backend: str | None = None, timeout_s: float = 1800,
           deterministic: bool = False) -> DistContext:
-    """Read torchrun's environment; start the process group when there is more than one process."""
+    """Read torchrun's environment (or srun's, through adopt_launcher); start the process group when
+    there is more than one process. Rank 0 names the launcher in one line."""
+    launcher = adopt_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    device = resolve_device(device_name, local_rank)
+    if rank == 0:
+        print(f"launcher: {LAUNCHER['line']}", flush=True)
+    ordinal = local_rank
+    if launcher == "srun" and (count := visible_accelerators()) and local_rank >= count:
+        ordinal = local_rank % count  # --gpus-per-task: each task sees only its own device(s)
+    device = resolve_device(device_name, ordinal)
     if (module := accelerator_module(device)) is not None:
         module.set_device(device)
     configure_kernels(device, deterministic)

@@ -1,9 +1,9 @@
 """Hooks that act around the steps of an epoch (loop.Hook):
 
-* `StepGuard` stops a run cleanly: on SIGTERM/SIGINT (preemption) after the current step, so that a
-  checkpoint can record the position inside the epoch and every rank's random streams; and on non-finite
-  losses, before anything is saved. All ranks agree on a stop with one small all-reduce, so they stop at
-  the same step and none waits alone in a collective.
+* `StepGuard` stops a run cleanly: on SIGTERM/SIGINT (preemption; SIGUSR1 too inside a SLURM job) after
+  the current step, so that a checkpoint can record the position inside the epoch and every rank's random
+  streams; and on non-finite losses, before anything is saved. All ranks agree on a stop with one small
+  all-reduce, so they stop at the same step and none waits alone in a collective.
 * `HeadOnly` trains only the classifier for the first --freeze-epochs epochs.
 """
 
@@ -21,6 +21,14 @@ from ..runtime import restore_rng
 from .loop import Hook
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_signals() -> tuple:
+    """The signals that stop a run after the current step: SIGTERM and SIGINT, and inside a SLURM job also
+    SIGUSR1, the usual warning before a time limit (`sbatch --signal=USR1@120`, or B:USR1 forwarded by the
+    batch script as examples/slurm/train.sbatch does)."""
+    in_slurm = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+    return SIGNALS + ((signal.SIGUSR1,) if in_slurm and hasattr(signal, "SIGUSR1") else ())
 NEVER = 2 ** 62  # "no step went non-finite" in the guard's device flag
 HEAD_MODULES = ("fc", "dropout", "global_pool")
 
@@ -74,7 +82,7 @@ class StepGuard(Hook):
 
     def install(self) -> "StepGuard":
         if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
+            for s in stop_signals():
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
