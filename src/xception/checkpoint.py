@@ -71,6 +71,9 @@ class Checkpoint:
     # With an EMA: which weights scored higher in this epoch's evaluation, "model" or "ema" (model_best: the
     # ones best_acc1 measured); eval, predict, export, average and --pretrained use them by default.
     best_source: str = "model"
+    # {"mlflow": run id, "wandb": run id} of the experiment trackers the run logs to (engine/track.py): a
+    # resume continues those runs. Added within version 1: older readers ignore the key, older files lack it.
+    trackers: dict | None = None
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "version": VERSION}
@@ -96,6 +99,9 @@ class Checkpoint:
         values["model"] = clean_state_dict(values["model"])
         if values.get("ema") is not None:
             values["ema"] = clean_state_dict(values["ema"])
+        trackers = values.get("trackers", {})
+        if not (isinstance(trackers, dict) and all(isinstance(v, str) for v in trackers.values())):
+            raise UserError(f"{source}: its trackers entry is not a {{name: run id}} table")
         return cls(**values)
 
     @property

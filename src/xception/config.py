@@ -21,6 +21,7 @@ PIXEL_MEAN = PIXEL_STD = 0.5  # pixels scaled to [-1, 1]: x / 127.5 - 1
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 METRICS_NAME = "metrics.csv"
+MLFLOW_IN_OUTPUT = "auto"  # --mlflow without a URI: a SQLite store in the output folder (engine/track.py)
 
 # The Xception family (model/family.py builds them): the 2017 original first, the default and the seed's.
 ARCHS = ("xception", "xception41", "xception65", "xception71", "xception41p", "xception65p")
@@ -180,6 +181,11 @@ class Config:
     print_freq: int = 10
     case_name: Optional[str] = None
     tensorboard: bool = False  # log scalars to OUTPUT/tensorboard
+    # experiment trackers (engine/track.py), rank 0 only; not taken from a resumed checkpoint
+    mlflow: Optional[str] = None  # a tracking URI, or MLFLOW_IN_OUTPUT (OUTPUT/mlflow.db); None: off
+    log_wandb: bool = False  # Weights & Biases (its WANDB_* variables apply: WANDB_MODE=offline ...)
+    tracker_project: Optional[str] = None  # MLflow experiment / W&B project; None: the output folder's name
+    log_checkpoint: bool = False  # send model_best to the trackers as an artefact at the end
     eval_report: bool = False  # xception eval --report: the files of evalreport.py
     positive: Optional[str] = None  # --report: the class scored against the rest (ROC); two classes: the second
     target_fpr: float = 0.01  # --report: the operating point with the highest recall at this false-positive rate
@@ -294,6 +300,9 @@ class Config:
             (0 < self.threshold < 1, f"--threshold must be in (0, 1), got {self.threshold}"),
             (0 < self.target_fpr < 1, f"--target-fpr must be in (0, 1), got {self.target_fpr}"),
             (not (self.group_by and self.group_regex), "give --group-by or --group-regex, not both"),
+            (self.mlflow is None or bool(self.mlflow.strip()), "--mlflow takes a tracking URI or nothing, got ''"),
+            (not self.log_checkpoint or self.mlflow is not None or self.log_wandb,
+             "--log-checkpoint sends model_best to a tracker: add --mlflow and/or --log-wandb"),
             (self.eval_split in ("val", "test", "calib"), f"--split must be val, test or calib, got {self.eval_split!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),

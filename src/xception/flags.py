@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .config import (ARCHS, AUTO_AUGMENT, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE, LOADERS, LOSSES, MIN_INPUT_SIZE,
-                     OPTIMIZERS, SAMPLERS, SCHEDULES, Config)
+                     MLFLOW_IN_OUTPUT, OPTIMIZERS, SAMPLERS, SCHEDULES, Config)
 from .recipes import RECIPES
 
 # A setting a recipe may fill defaults to None here ("not given"); Config holds its real default.
@@ -160,6 +160,19 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action="store_true",
                    help="log scalars to OUTPUT_DIR/tensorboard every print interval and every epoch")
     g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the --resume checkpoint on val/")
+    g = p.add_argument_group("experiment trackers (optional extras; rank 0 only)")
+    g.add_argument("--mlflow", nargs="?", const=MLFLOW_IN_OUTPUT, default=None, metavar="URI",
+                   help="log the settings and every epoch's metrics.csv row to MLflow: URI a tracking URI "
+                        "(http://..., sqlite:///..., a folder); without one sqlite:///OUTPUT_DIR/mlflow.db "
+                        "(pip install 'xception[mlflow]')")
+    g.add_argument("--log-wandb", action="store_true",
+                   help="the same to Weights & Biases; its WANDB_* variables apply (WANDB_MODE=offline: local "
+                        "files only, `wandb sync` later) (pip install 'xception[wandb]')")
+    g.add_argument("--tracker-project", default=None, metavar="NAME",
+                   help="the MLflow experiment and W&B project (default: the output folder's name, also the "
+                        "run's name)")
+    g.add_argument("--log-checkpoint", action="store_true",
+                   help="at the end, send model_best.pth.tar to the trackers as an artefact")
 
 
 def add_recipe_flags(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from .mix import build_mix
 from .optim import build_optimizer, build_scheduler
 from .resume import epoch_file, open_resume, restore
 from .setup import Run
+from .track import Trackers, open_trackers
 
 @dataclass
 class Training:
@@ -47,6 +49,7 @@ class Training:
     source: str = "model"  # which of the two scored higher in the last evaluation: "model" or "ema"
     kept: list = field(default_factory=list)  # --keep-checkpoints: (score, epoch) of the epoch files kept
     fps: list = field(default_factory=lambda: [0.0, 0.0])  # images and seconds over the epochs
+    trackers: Trackers | None = None  # --mlflow, --log-wandb (engine/track.py)
 
 
 def train(cfg: Config) -> dict:
@@ -67,6 +70,8 @@ def train(cfg: Config) -> dict:
     finally:
         if t is not None:
             t.guard.uninstall()
+            if t.trackers is not None:
+                t.trackers.close(sys.exc_info()[1])
         run.close()
 
 
@@ -110,6 +115,8 @@ def _setup(run: Run, ckpt: Checkpoint | None) -> Training:
         f"classes, global batch {cfg.batch_size}"
         + (f" x {accum} accumulated = {cfg.batch_size * accum} per optimizer step" if accum > 1 else "")
         + f", {iters} iterations per epoch")
+    # last: nothing after it may fail before train() can close the tracker runs
+    t.trackers = open_trackers(cfg, ctx, ckpt.trackers if ckpt is not None else None, t.start_epoch, log)
     return t
 
 
@@ -143,7 +150,7 @@ def _checkpoint(t: Training, epoch: int, **extra) -> Checkpoint:
                       best_acc1=t.best_score, args=run.cfg.to_dict(), class_names=list(run.classes),
                       keras_exact=bool(getattr(t.net, "keras_exact", False)),
                       ema=t.ema.state()[0] if t.ema else None, ema_updates=t.ema.updates if t.ema else 0,
-                      best_source=t.source, **extra)
+                      best_source=t.source, trackers=t.trackers.ids if t.trackers else None, **extra)
 
 
 def _fault_counts(t: Training) -> tuple:
@@ -193,6 +200,7 @@ def _epoch(t: Training, epoch: int) -> dict:
     t.best_score = max(t.best_score, score)
     shown = [c for c, on in zip(FAULT_COLUMNS, (cfg.skip_bad_images, run.precision.scaler is not None)) if on]
     run.report.epoch(row, tuple(shown))
+    t.trackers.catch_up(epoch + 1)  # the row just written, read back
     if ctx.is_main:
         _checkpoint(t, epoch + 1).save(t.ckpt_path)
         t.saved_path, t.saved_epoch = t.ckpt_path, epoch + 1
@@ -250,6 +258,7 @@ def _finish(t: Training, last: dict, e2e: float) -> dict:
     result = {"fps": fps, "top1": score, "top5": last.get("top5"), "loss": last["train_loss"],
               "e2e_seconds": e2e, "checkpoint": t.ckpt_path, "metrics": run.report.metrics_path}
     run.report.finish(result, run.ctx.device.type, run.ctx.world_size)
+    t.trackers.upload_best()
     return result
 
 
