@@ -165,7 +165,7 @@ def _entry(names: list, index: int, probability: float) -> dict:
     return {"class": names[index], "index": int(index), "probability": round(float(probability), 6)}
 
 
-def _results(predictor: Predictor, logits: torch.Tensor, k: int) -> list:
+def top_results(predictor: Predictor, logits: torch.Tensor, k: int) -> list:
     """Per image of a batch: its top-k classes, and for multi-label weights its labels above the threshold."""
     probs = predictor.probabilities(logits).cpu()
     top = probs.topk(k, dim=1)
@@ -207,7 +207,7 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
             problems += [(paths[i], err) for i, _, err in items if err is not None]
             if good:
                 batch = to_device(torch.stack([t for _, t in good]), dev, channels_last=False)
-                for (i, _), result in zip(good, _results(predictor, predictor.model(batch), k)):
+                for (i, _), result in zip(good, top_results(predictor, predictor.model(batch), k)):
                     results[i] = {"path": paths[i], **result}
             progress.update(step, images=min(step * opts.batch_size, len(paths)))
     progress.close()
