@@ -197,3 +197,44 @@ def test_compiled_model_matches_eager_forward_and_gradients():
     # What the trainer saves from a compiled model: the plain model's keys, loadable without compile.
     assert ckpt.unwrap(compiled) is compiled_copy
     assert list(ckpt.clean_state_dict(compiled.state_dict())) == list(eager.state_dict())
+
+
+def test_bench_times_fp32_and_int8_onnx_beside_ours_in_one_run(tmp_path):
+    # `bench --mode infer --onnx FP32 INT8`: a row per graph, on the same batch shape as ours, with its ratios.
+    import pytest
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from xception.tools.export import export
+    from xception.tools.quantize import quantize
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pth.tar"
+    ckpt.Checkpoint(model=Xception(num_classes=3).state_dict(), arch="xception", class_names=["a", "b", "c"],
+                    args={"image_size": 71, "crop_pct": 1.0}).save(str(weights))
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    export(str(weights), "onnx", fp32, log=lambda *a: None)
+    quantize(fp32, int8, torch.randn(4, 3, 71, 71))
+    proc = run_cli("bench", "--mode", "infer", "--image-size", 71, "-b", 2, "--repeats", 1, "--steps", 1,
+                   "--warmup", 1, "--onnx", fp32, int8, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    rows = result["onnx"]
+    assert [(r["file"], r["precision"]) for r in rows] == [(fp32, "fp32"), (int8, "int8")]
+    assert all(r["img_s"] > 0 and r["runtime"].startswith("onnxruntime") for r in rows)
+    for r in rows:
+        assert abs(r["ratio_to_ours"] - r["img_s"] / result["ours_img_s"]) < 1e-9
+    assert "ratio_to_fp32_onnx" not in rows[0]
+    assert abs(rows[1]["ratio_to_fp32_onnx"] - rows[1]["img_s"] / rows[0]["img_s"]) < 1e-9
+    # a graph of another size is refused before anything is timed, saying how to match it
+    line = one_line_error(run_cli("bench", "--mode", "infer", "--image-size", 99, "-b", 2, "--onnx", fp32))
+    assert f"--onnx {fp32}: its input is" in line and "--image-size 99" in line
+
+
+def test_bench_refuses_a_missing_or_non_onnx_file_in_one_line(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a graph\n")
+    missing = one_line_error(run_cli("bench", "--mode", "infer", "--onnx", tmp_path / "none.onnx"))
+    assert f"--onnx {tmp_path / 'none.onnx'}: no such file" in missing
+    bad = one_line_error(run_cli("bench", "--mode", "infer", "--onnx", text))
+    assert f"--onnx {text}: onnxruntime cannot load it as an ONNX graph" in bad
+    train = one_line_error(run_cli("bench", "--mode", "train", "--onnx", text))
+    assert "--onnx times onnxruntime on the CPU" in train and "--mode infer" in train

@@ -40,27 +40,46 @@ def tie(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_lossy_int8_graph_is_refused_and_a_kept_one_evaluates_as_printed(tie, tmp_path):
+def test_a_lossy_int8_graph_is_refused_and_the_default_fp32_classifier_keeps_it(tie, tmp_path):
     ckpt, listed = tie
     out = tmp_path / "model-int8.onnx"
     flags = ["export", "--weights", ckpt, "--format", "onnx", "--out", out, "--int8", "--calibration", listed,
-             "--calibration-images", 8]
-    line = one_line_error(run_cli(*flags, "--max-drop", 0))
+             "--calibration-images", 8, "--max-drop", 0]
+    # Every layer int8 (--int8-exclude none): the quantized logits tie, fp32 100 -> int8 0, refused.
+    line = one_line_error(run_cli(*flags, "--int8-exclude", "none"))
     assert "--int8: top-1 dropped 100.000 points (fp32 100.000 -> int8 0.000), more than --max-drop 0" in line
-    assert "was not written" in line and not out.exists() and not list(tmp_path.iterdir())
-    kept = run_cli(*flags, "--max-drop", 100)
+    assert "was not written" in line and "--int8-exclude first,last" in line
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # The default keeps the first convolution and the classifier fp32: the logits keep their 1e-3 gap.
+    kept = run_cli(*flags)
     assert kept.returncode == 0, kept.stderr
-    assert "int8: top-1 on 3 val images: fp32 100.000, int8 0.000, drop 100.000 points" in kept.stdout
+    assert "kept fp32: first,last" in kept.stdout
+    assert "int8: top-1 on 3 val images: fp32 100.000, int8 100.000, drop 0.000 points" in kept.stdout
     import onnx
     graph = onnx.load(str(out))
     meta = json.loads({p.key: p.value for p in graph.metadata_props}["xception"])
     assert meta["precision"] == "int8" and meta["class_names"] == ["a", "b"] and meta["image_size"] == 71
-    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    gemm = [n for n in graph.graph.node if n.op_type == "Gemm"]
+    assert meta["fp32_layers"] == [convs[0].name, gemm[-1].name]
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    # the kept layers read fp32 weights (no DequantizeLinear before them); the other convolutions int8 ones
+    for kept in (convs[0], gemm[-1]):
+        assert producers.get(kept.input[1]) != "DequantizeLinear", kept.name
+    assert producers.get(convs[1].input[1]) == "DequantizeLinear"
     ev = run_cli("eval", "--data_path", listed, "--weights", out, "--workers", 0, "--output-dir", tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr
-    assert "on 3 images: loss" in ev.stdout and " top1 0.000 " in ev.stdout  # the INT8 top-1 export printed
-    again = one_line_error(run_cli(*flags, "--max-drop", 100))
+    assert "on 3 images: loss" in ev.stdout and " top1 100.000 " in ev.stdout  # the INT8 top-1 export printed
+    again = one_line_error(run_cli(*flags))
     assert "exists" in again and out.exists()  # never written over
+
+
+def test_int8_exclude_takes_first_last_or_none(tie, tmp_path):
+    for bad in ("middle", "first,first", ""):
+        line = one_line_error(run_cli("export", "--weights", tie[0], "--format", "onnx", "--out",
+                                      tmp_path / "x.onnx", "--int8", "--calibration", tie[1], "--int8-exclude", bad))
+        assert "--int8-exclude must be none or a comma list of first, last" in line, line
+    assert not list(tmp_path.iterdir())
 
 
 def test_int8_needs_calibration_data(tie, tmp_path):

@@ -24,11 +24,11 @@ FLOORS = {"config": 0, "files": 1, "runtime": 1, "recipes": 1, "checkpoint": 2, 
 ROOMS = {
     "model": ["xception", "aligned", "hub", "family", "backbone", "ports", "weights", "deploy", "__init__"],
     "data": ["folder", "listfile", "transforms", "check", "loaders", "hfds", "shards", "dali", "__init__"],
-    "engine": ["precision", "optim", "mix", "loss", "loop", "ema", "hooks", "setup", "resume", "train", "evaluate", "__init__"],
-    "tools": ["__init__", "databench", "syncdebug", "bench", "demo", "export", "predict", "prepare", "average",
-              "models", "split", "explain", "quantize"],
+    "engine": ["precision", "optim", "mix", "loss", "loop", "ema", "hooks", "setup", "resume", "track", "train", "evaluate", "__init__"],
+    "tools": ["__init__", "databench", "syncdebug", "servebench", "bench", "demo", "export", "predict", "prepare", "average",
+              "models", "split", "explain", "quantize", "batching", "serve", "hubfolder"],
 }
-MAX_LAZY_IMPORTS = 18  # imports of our modules inside functions, all in cli.py (one per command, mostly)
+MAX_LAZY_IMPORTS = 22  # imports of our modules inside functions, all in cli.py (one per command, mostly)
 
 
 def module_name(path: str) -> str:

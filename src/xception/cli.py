@@ -16,6 +16,7 @@ from .flags import Parser, add_data_flags, add_eval_flags, add_recipe_flags, add
 from .toolflags import (add_average_flags, add_bench_flags, add_check_flags, add_demo_flags, add_explain_flags,
                         add_export_flags, add_models_flags, add_plot_flags, add_predict_flags, add_prepare_flags,
                         add_split_flags)
+from .toolflags import add_push_flags, add_serve_flags
 from .recipes import apply_recipe
 
 
@@ -67,12 +68,33 @@ def run_explain(args) -> int:
     return explain.run(args)
 
 
+def run_serve(args) -> int:
+    from .tools import serve
+    return serve.run(args)
+
+
 def run_export(args) -> int:
+    if args.format == "hf":
+        from .tools import hubfolder
+        return hubfolder.run_export(args, train_flag_names())
     if args.int8:
         from .tools import quantize
         return quantize.run(args)
     from .tools import export
     return export.run(args)
+
+
+def run_push(args) -> int:
+    from .tools import hubfolder
+    return hubfolder.run_push(args)
+
+
+def train_flag_names() -> dict:
+    """{Config field: the long spellings of the train flag that sets it}, for a model card's training command."""
+    p = Parser()
+    for add in COMMANDS["train"].flags:
+        add(p)
+    return {a.dest: [o for o in a.option_strings if o.startswith("--")] for a in p._actions if a.option_strings}
 
 
 def run_models(args) -> int:
@@ -151,6 +173,10 @@ COMMANDS = {
                     (add_plot_flags,), run_plot),
     "split": Command("write K stratified cross-validation folds of an image folder or list file as CSV lists",
                      (add_split_flags,), run_split),
+    "push": Command("upload a folder written by export --format hf to the Hugging Face Hub", (add_push_flags,),
+                    run_push),
+    "serve": Command("an HTTP server classifying uploaded images (dynamic batching; a page at /)",
+                     (add_serve_flags,), run_serve),
 }
 MULTI_PROCESS = ("train", "eval")  # the commands --nproc / --multiprocessing-distributed start N times
 
@@ -181,16 +207,19 @@ def strip_launch_flags(argv: list) -> list:
 
 
 def wants_launch(args: argparse.Namespace) -> int:
-    """How many processes to start here, or 0 when this process is already one of them (torchrun)."""
-    if os.environ.get("WORLD_SIZE") is not None or args.command not in MULTI_PROCESS:
+    """How many processes to start here, or 0 when this process is already one of them (torchrun, or a
+    task of `srun`, whose variables adopt_launcher turns into torchrun's; --nproc is then not used)."""
+    if args.command not in MULTI_PROCESS:
+        return 0
+    from . import runtime
+    if runtime.adopt_launcher() != "single process":
         return 0
     if args.nproc is not None:
         if args.nproc < 1:
             raise UserError(f"--nproc must be a positive number, got {args.nproc}")
         return args.nproc if args.nproc > 1 else 0
     if args.multiprocessing_distributed:
-        from .runtime import visible_accelerators
-        count = visible_accelerators()
+        count = runtime.visible_accelerators()
         return count if count > 1 else 0
     return 0
 
@@ -198,7 +227,6 @@ def wants_launch(args: argparse.Namespace) -> int:
 def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
     try:
         nproc = wants_launch(args)
         if nproc:
@@ -207,6 +235,7 @@ def main(argv: list | None = None) -> int:
             return launch_local(nproc, strip_launch_flags(argv))
         return COMMANDS[args.command].run(args)
     except UserError as e:
+        rank = int(os.environ.get("RANK", "0"))  # read here: srun's task number becomes RANK in wants_launch
         if rank == 0:  # every rank meets the same mistake; one line is enough
             print(f"xception: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -218,6 +247,7 @@ def main(argv: list | None = None) -> int:
         if os.environ.get("WORLD_SIZE", "1") == "1" or not peer_lost(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        rank = os.environ.get("RANK", "0")
         print(f"xception: error: rank {rank} lost contact with another process of the job ({first}); "
               f"the launcher's last line names the process that failed", file=sys.stderr)
         return EXIT_FAILED_RANK

@@ -58,8 +58,12 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, metavar="CKPT",
                    help="weights to export: our checkpoint, a timm/Cadene/Keras weights file, or a NAME as for "
                         "train --pretrained (imagenet, keras, hf-hub:ORG/REPO[@REV])")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="graph format")
-    p.add_argument("--out", required=True, metavar="FILE", help="where to write the graph")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "hf"],
+                   help="onnx or torchscript: a graph; hf: a folder in timm's Hugging Face Hub layout (config.json, "
+                        "model.safetensors, a README.md model card), for xception push")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the graph (hf: a new folder)")
+    p.add_argument("--license", default="other", metavar="ID",
+                   help="hf: the model card's license field, a Hub license id such as apache-2.0 (default other)")
     p.add_argument("--static-batch", type=_int, default=None, metavar="N",
                    help="ONNX: fix the batch dimension at N, for runtimes that want fixed shapes (default: any "
                         "batch size, as TorchScript too)")
@@ -84,11 +88,16 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
                    help="--int8: one weight scale per tensor instead of per output channel")
     g.add_argument("--max-drop", type=float, default=1.0, metavar="P",
                    help="--int8: refuse a graph whose val top-1 is more than P points below fp32's (default 1)")
+    g.add_argument("--int8-exclude", default="first,last", metavar="LAYERS",
+                   help="--int8: layers kept fp32, 'none' or a comma list of first (the first convolution) and "
+                        "last (the classifier) (default first,last: on the demo digits they hold the drop at 0 "
+                        "against 0.833 points with none)")
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["train", "infer", "data"], default="train",
-                   help="train: forward+backward+SGD step; infer: forward; data: the input pipeline")
+    p.add_argument("--mode", choices=["train", "infer", "data", "serve"], default="train",
+                   help="train: forward+backward+SGD step; infer: forward; data: the input pipeline; serve: a "
+                        "load test of xception serve (batching on, off, and in-process predict)")
     p.add_argument("-a", "--arch", choices=ARCHS, default="xception",
                    help="network to time (default xception), against the same network in timm")
     p.add_argument("--image-size", type=_int, default=DEFAULT_IMAGE_SIZE)
@@ -126,6 +135,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_int, default=2,
                    help="untimed steps before timing (at least 1 is run; the first compiles)")
     p.add_argument("--steps", type=_int, default=3, help="steps per timed repeat")
+    p.add_argument("--onnx", nargs="+", default=None, metavar="FILE",
+                   help="--mode infer: also time these .onnx graphs (e.g. an fp32 and an --int8 export) with "
+                        "onnxruntime on the CPU, on the same batch shape and threads as ours; each row gets its "
+                        "ratio to ours and to the first fp32 graph")
     p.add_argument("--sync-debug", action="store_true",
                    help="--mode train: instead of timing, run our real training loop (the engine's step, guard, "
                         "optimizer: fused SGD on CUDA; --dtype float16 with the loss scaler) for max(20, steps x "
@@ -143,6 +156,20 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-augment", choices=AUTO_AUGMENT, default=None,
                    help="--mode data: also time our pipeline with this policy (RandAugment at its default "
                         "magnitude and op count) next to the plain one, in the same run")
+    g = p.add_argument_group("--mode serve")
+    g.add_argument("--weights", default=None, metavar="W",
+                   help="the checkpoint or exported .onnx to serve, at its own input size")
+    g.add_argument("--clients", type=_int, default=8, metavar="N",
+                   help="concurrent clients, each POSTing images in a loop on a keep-alive connection (default 8)")
+    g.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds of load per row (default 20)")
+    g.add_argument("--images", default=None, metavar="DIR",
+                   help="images to send, up to 32 (default: 8 made-up JPEGs at the served size)")
+    g.add_argument("--max-batch", type=_int, default=16, metavar="N",
+                   help="the batching row's server --max-batch (default 16, as serve's); the other row uses 1")
+    g.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="the servers' --max-wait-ms (default 5, as serve's)")
+    g.add_argument("--serve-image-size", type=_int, default=None, metavar="N",
+                   help="serve (and run the in-process row) at N px instead of the weights' own size")
 
 
 def add_check_flags(p: argparse.ArgumentParser) -> None:
@@ -218,3 +245,33 @@ def add_explain_flags(p: argparse.ArgumentParser) -> None:
                    help="explain this class for every image (default: each image's top predicted class)")
     _add_input_size(p)
     _add_device(p)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("weights", metavar="WEIGHTS",
+                   help="our checkpoint, a timm/Cadene .pth/.safetensors, a Keras .h5, an exported .onnx (INT8 "
+                        "too), or a published NAME: imagenet, keras, hf-hub:ORG/REPO[@REV]")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=_int, default=8000, help="port to listen on (default 8000; 0: any free one)")
+    p.add_argument("--max-batch", type=_int, default=16, metavar="N",
+                   help="images run together in one forward pass at most (default 16; 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long the first waiting image waits for others to join its batch (default 5)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, metavar="MB",
+                   help="largest request body accepted; larger ones get 413 (default 20)")
+    p.add_argument("--topk", type=_int, default=5, metavar="K", help="classes per answer unless ?topk=K (default 5)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="multi-label weights: labels whose probability exceeds P (default: the run's, else 0.5)")
+    _add_input_size(p)
+    p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
+    _add_device(p)
+    p.add_argument("--threads", type=_int, default=None, metavar="N",
+                   help="torch intra-op threads of the model (default: torch's, one per core)")
+    add_weights_choice(p)
+
+
+def add_push_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="DIR", help="a folder written by xception export --format hf")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the Hub model repository (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="the branch to commit to (default main)")

@@ -6,6 +6,7 @@ count the host reads and CUDA syncs of our real training loop per step (syncdebu
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -20,17 +21,21 @@ from ..config import MIN_INPUT_SIZE, Config, UserError
 from ..engine.ema import Ema
 from ..engine.mix import build_mix
 from ..model.family import arch_info, build_arch
-from ..model.deploy import compile_frozen, fold_batchnorm
+from ..model.deploy import META_KEY, compile_frozen, fold_batchnorm
 from ..runtime import configure_kernels, resolve_device, synchronize
 from .databench import run_data_bench
+from .servebench import run_serve_bench
 from .syncdebug import count_syncs, summarize
 
 
 def run(args) -> int:
     if args.sync_debug:
         _check_sync_debug(args)
+    _check_onnx(args)
     if args.mode == "data":
         return run_data_bench(args)
+    if args.mode == "serve":
+        return run_serve_bench(args)
     for flag, value in (("--image-size", args.image_size - MIN_INPUT_SIZE + 1), ("--batch-size", args.batch_size),
                         ("--repeats", args.repeats), ("--steps", args.steps),
                         ("--threads", 1 if args.threads is None else args.threads)):
@@ -202,6 +207,72 @@ def _timm_side(args, device, train: bool, result: dict) -> None:
         result["timm_compile_seconds"] = t["compile_seconds"]
 
 
+def _onnx_session(path: str, threads: int, image_size: int, batch_size: int):
+    """(onnxruntime CPU session, input name, precision) of an --onnx file, or a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"--onnx {path}: no such file; give .onnx files written by `xception export --format onnx`")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("--onnx needs onnxruntime (pip install onnxruntime)") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # the same thread count as the PyTorch sides
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for a file that is not a graph
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"--onnx {path}: onnxruntime cannot load it as an ONNX graph ({first})") from None
+    inp = session.get_inputs()[0]
+    size = inp.shape[-1] if isinstance(inp.shape[-1], int) else image_size
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) else batch_size
+    if (size, batch) != (image_size, batch_size):
+        raise UserError(f"--onnx {path}: its input is {inp.shape}, not {image_size} px at batch {batch_size}: export "
+                        f"it with --image-size {image_size} (and without --static-batch) or bench with "
+                        f"--image-size {size} -b {batch}")
+    meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META_KEY, "{}"))
+    return session, inp.name, meta.get("precision", "fp32")
+
+
+def _time_onnx(path: str, opened: tuple, args) -> dict:
+    """One --onnx row: onnxruntime (CPU) img/s over the same batch shape, warmup, steps and repeats as ours."""
+    session, name, precision = opened
+    torch.manual_seed(0)
+    feed = {name: torch.randn(args.batch_size, 3, args.image_size, args.image_size).numpy()}
+    for _ in range(max(args.warmup, 1)):
+        session.run(None, feed)
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            session.run(None, feed)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    return {"file": path, "precision": precision, "runtime": f"onnxruntime {_ort_version()} CPU",
+            "img_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+def _onnx_rows(args, sessions: list, result: dict) -> None:
+    """--onnx FILE ...: a row per file in result["onnx"], each with its ratio to ours (PyTorch) and to the
+    first fp32 file's (so that an INT8 row reads as its speed-up over the fp32 graph)."""
+    rows = [_time_onnx(path, opened, args) for path, opened in zip(args.onnx, sessions)]
+    base = next((r for r in rows if r["precision"] == "fp32"), None)
+    for r in rows:
+        r["ratio_to_ours"] = r["img_s"] / result["ours_img_s"]
+        if base is not None and r is not base:
+            r["ratio_to_fp32_onnx"] = r["img_s"] / base["img_s"]
+    result["onnx"] = rows
+
+
+def _check_onnx(args) -> None:
+    if args.onnx and (args.mode != "infer" or resolve_device(args.device).type != "cpu" or args.dtype != "float32"):
+        raise UserError("--onnx times onnxruntime on the CPU against our fp32 model: use it with --mode infer, "
+                        "--device cpu and --dtype float32")
+
+
 def _timm_checkpointing(model) -> bool:
     """Turn on timm's gradient checkpointing; False where the model has none (legacy_xception refuses it)."""
     try:
@@ -233,6 +304,10 @@ def _print_table(result: dict, device) -> None:
         print(f"  peak memory: {PEAK_MEMORY_KINDS[result['peak_mem_kind']]}")
     if "ema_cost_pct" in result:
         print(f"  EMA update: {result['ema_update_ms']:.1f} ms, {result['ema_cost_pct']:.2f}% of our step")
+    for r in result.get("onnx", ()):
+        print(f"  onnx : {r['img_s']:8.2f} img/s (min {r['min']:.2f}, max {r['max']:.2f}), {r['precision']}, "
+              f"{r['file']}; ratio {r['ratio_to_ours']:.3f} to ours"
+              + (f", {r['ratio_to_fp32_onnx']:.3f} to the fp32 graph" if "ratio_to_fp32_onnx" in r else ""))
     for side in ("ours", "timm"):
         if f"{side}_compile_seconds" in result:
             print(f"  {side} torch.compile: {result[side + '_compile_seconds']:.1f} s, not in img/s")
@@ -269,6 +344,8 @@ def run_compute_bench(args) -> int:
         else:
             _print_sync_debug(result, device)
         return 0
+    # --onnx files are opened first, so that a bad one is refused before anything is timed
+    sessions = [_onnx_session(path, result["threads"], args.image_size, args.batch_size) for path in args.onnx or ()]
     torch.manual_seed(0)
     ours = build_arch(args.arch, num_classes=1000)
     if not train and args.fold_bn:
@@ -293,6 +370,8 @@ def run_compute_bench(args) -> int:
     if train and args.ema:
         result.update(_ema_cost(ours, args, device, args.batch_size / stats["median"]))
     del ours
+    if sessions:
+        _onnx_rows(args, sessions, result)
     _timm_side(args, device, train, result)
     if "profile" in stats:
         # the table goes to stderr, so that --json still prints exactly one JSON object on stdout
