@@ -25,7 +25,7 @@ ROOMS = {
     "model": ["xception", "aligned", "hub", "family", "backbone", "ports", "weights", "deploy", "__init__"],
     "data": ["folder", "listfile", "transforms", "check", "loaders", "hfds", "shards", "dali", "__init__"],
     "engine": ["precision", "optim", "mix", "loss", "loop", "ema", "hooks", "setup", "resume", "track", "train", "evaluate", "__init__"],
-    "tools": ["__init__", "databench", "syncdebug", "servebench", "bench", "demo", "export", "predict", "prepare", "average",
+    "tools": ["__init__", "databench", "syncdebug", "predict", "servebench", "bench", "demo", "export", "prepare", "average",
               "models", "split", "explain", "quantize", "batching", "serve", "hubfolder"],
 }
 MAX_LAZY_IMPORTS = 22  # imports of our modules inside functions, all in cli.py (one per command, mostly)

@@ -30,6 +30,7 @@ from ..data.folder import IMG_EXTENSIONS
 from ..model.hub import EVAL_INTERPOLATION
 from ..model.weights import build_model, eval_settings, read_weights, weights_choice
 from ..report import read_metrics
+from .predict import class_names_for
 
 CARD = "README.md"
 FILES = ("config.json", "model.safetensors", CARD)
@@ -58,7 +59,7 @@ def export_hf(weights: str, out: str, choice: str = "best", flag_names: dict | N
     check_new_path(out, "export --format hf")
     model = unwrap(build_model(loaded, log=log)).eval()
     size, crop_pct = eval_settings(loaded.args, None, None, weights, log, loaded.arch)
-    names = loaded.class_names or [f"class {i}" for i in range(model.num_classes)]
+    names = class_names_for(loaded.class_names, model.num_classes)  # predict's: ImageNet's for 1000 unnamed
     state = {k: v.detach().contiguous() for k, v in ports.to_timm(model.state_dict(), loaded.arch).items()}
     config = timm_config(loaded.arch, model, names, size, crop_pct, license_id, loaded.args)
     card = model_card(weights, loaded, config, flag_names or {})

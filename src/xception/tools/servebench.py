@@ -38,9 +38,8 @@ from ..config import MIN_INPUT_SIZE, UserError
 from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
 from ..data.transforms import pil_eval
-from ..model.deploy import open_weights
-from ..model.weights import build_model, eval_settings
 from ..runtime import resolve_device
+from .predict import PredictOptions, load_predictor, top_results
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 300  # seconds for a server to load and warm up its model
@@ -219,30 +218,21 @@ def _quiet(*_):
     pass
 
 
-def load_model(weights: str, device, image_size: int | None = None):
-    """(model, eval transform, size) of `weights` as `xception predict` reads them: a graph or our model on
-    `device`, at `image_size` (None: the weights' own) and the weights' crop."""
-    opened = open_weights(weights, image_size)
-    model = opened.graph if opened.graph is not None else build_model(opened.weights, log=_quiet).eval().to(device)
-    arch = opened.weights.arch if opened.weights is not None else "xception"
-    size, pct = eval_settings(opened.saved, image_size, None, weights, _quiet, arch)
-    return model, pil_eval(size, pct), size
-
-
 def run_baseline(weights: str, device, images: list, duration: float, image_size: int | None = None) -> dict:
-    """The no-server row: the weights loaded once here, then one image per forward pass (decode, eval
-    transform, forward, softmax and top-5), for `duration` seconds."""
-    model, transform, _ = load_model(weights, device, image_size)
+    """The no-server row: the weights loaded once here as `xception predict` loads them, then one image per
+    forward pass (predict's decode and eval transform, forward, predict's top-5 answer) for `duration` s."""
+    predictor = load_predictor(weights, device, PredictOptions(image_size=image_size, device=str(device)), _quiet)
+    transform = pil_eval(predictor.image_size, predictor.crop_pct)
+    k = min(5, len(predictor.class_names))
     records = []
     with torch.inference_mode():
-        model(to_device(transform.load_bytes(images[0])[None], device, channels_last=False))  # warm-up
+        predictor.model(to_device(transform.load_bytes(images[0])[None], device, channels_last=False))  # warm-up
         cpu, began = time.process_time(), time.perf_counter()
         stop_at, i = began + duration, 0
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
-            logits = model(to_device(transform.load_bytes(images[i % len(images)])[None], device,
-                                     channels_last=False))
-            logits.float().softmax(1).topk(min(5, logits.shape[1]), dim=1).indices.tolist()
+            batch = to_device(transform.load_bytes(images[i % len(images)])[None], device, channels_last=False)
+            top_results(predictor, predictor.model(batch), k)
             records.append((time.perf_counter() - t0, 200, 1))
             i += 1
     row = summarize(records, time.perf_counter() - began)
