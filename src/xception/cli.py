@@ -207,19 +207,17 @@ def strip_launch_flags(argv: list) -> list:
 
 
 def wants_launch(args: argparse.Namespace) -> int:
-    """How many processes to start here, or 0 when this process is already one of them (torchrun, or a
-    task of `srun`, whose variables adopt_launcher turns into torchrun's; --nproc is then not used)."""
-    if args.command not in MULTI_PROCESS:
-        return 0
-    from . import runtime
-    if runtime.adopt_launcher() != "single process":
+    """How many processes to start here, or 0 when this process is already one of them (torchrun's, or an
+    srun task's once main has adopted its variables; --nproc is then not used)."""
+    if args.command not in MULTI_PROCESS or os.environ.get("WORLD_SIZE") is not None:
         return 0
     if args.nproc is not None:
         if args.nproc < 1:
             raise UserError(f"--nproc must be a positive number, got {args.nproc}")
         return args.nproc if args.nproc > 1 else 0
     if args.multiprocessing_distributed:
-        count = runtime.visible_accelerators()
+        from .runtime import visible_accelerators
+        count = visible_accelerators()
         return count if count > 1 else 0
     return 0
 
@@ -228,6 +226,9 @@ def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command in MULTI_PROCESS:
+            from .runtime import adopt_launcher
+            adopt_launcher()  # an srun task's SLURM variables become torchrun's (WORLD_SIZE, RANK, ...)
         nproc = wants_launch(args)
         if nproc:
             config_from_args(args).validate(world_size=nproc)  # refuse bad flags once, before spawning
@@ -235,7 +236,7 @@ def main(argv: list | None = None) -> int:
             return launch_local(nproc, strip_launch_flags(argv))
         return COMMANDS[args.command].run(args)
     except UserError as e:
-        rank = int(os.environ.get("RANK", "0"))  # read here: srun's task number becomes RANK in wants_launch
+        rank = int(os.environ.get("RANK", "0"))  # read here: an srun task's number becomes RANK above
         if rank == 0:  # every rank meets the same mistake; one line is enough
             print(f"xception: error: {e}", file=sys.stderr)
         return e.exit_code
