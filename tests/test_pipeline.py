@@ -2,7 +2,6 @@
 transforms, same pixels as the plain PIL path within interpolation tolerance, channels-last uint8 batches;
 the loaders behind build_loaders (folder, DALI); and `bench --mode data`."""
 
-import argparse
 import io
 import json
 import math
@@ -221,10 +220,11 @@ def test_folder_loader_with_a_worker(tmp_path):
 
 
 def test_data_bench_prints_one_json_object(tmp_path, capsys):
-    from xception.tools.databench import run_data_bench
-    args = argparse.Namespace(mode="data", data_path=None, synthetic=8, workers=0, image_size=71,
-                              batch_size=2, json=True, repeats=1)
-    assert run_data_bench(args) == 0
+    from xception.cli import build_parser
+    from xception.tools.bench import run
+    args = build_parser().parse_args(["bench", "--mode", "data", "--synthetic", "8", "-j", "0", "--image-size", "71",
+                                      "-b", "2", "--json", "--repeats", "1"])
+    assert run(args) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("ours_img_s", "baseline_img_s", "ratio", "per_worker_img_s", "workers", "image_size", "mode"):
         assert key in result

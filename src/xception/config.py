@@ -7,6 +7,7 @@ This module is the bottom floor: it imports nothing of ours and no third-party l
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -70,6 +71,16 @@ def check_file(path: str, flag: str, give: str) -> None:
         raise UserError(f"{flag} {path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a folder; give {give}")
+
+
+def import_extra(module: str, who: str, extra: str, package: str | None = None):
+    """`module`, imported; without it a one-line UserError: `who` needs `package` (default: the module's
+    top name), and the optional extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{who} needs the {package or module.split('.')[0]} package: "
+                        f"pip install 'xception[{extra}]'") from None
 
 
 def derive_seed(*parts: int) -> int:

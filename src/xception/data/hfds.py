@@ -25,7 +25,7 @@ import torch
 import torch.distributed as td
 from PIL import Image, UnidentifiedImageError
 
-from ..config import UserError
+from ..config import UserError, import_extra
 from ..files import WriteError, atomic_write, show
 from .check import SKIP_HINT, BadImageError, default_workers
 from .loaders import FolderDataset, FolderLoader
@@ -38,10 +38,7 @@ CHECKED_NAME = "hf-image-check.json"  # in the output folder: fingerprints of th
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("reading a Hugging Face dataset needs the datasets package (pip install 'xception[hf]')")
+    datasets = import_extra("datasets", "reading a Hugging Face dataset", "hf")
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # a log file or a captured stderr: no progress bars
     return datasets

@@ -22,7 +22,7 @@ import re
 import sys
 import time
 
-from ..config import BEST_NAME, EXIT_PREEMPTED, METRICS_NAME, MLFLOW_IN_OUTPUT, Config, UserError
+from ..config import BEST_NAME, EXIT_PREEMPTED, METRICS_NAME, MLFLOW_IN_OUTPUT, Config, UserError, import_extra
 from ..files import write_text
 from ..report import read_metrics
 from ..runtime import on_main
@@ -36,10 +36,6 @@ _EXIT = {"preempted": EXIT_PREEMPTED, "failed": 1}  # W&B exit codes of a run th
 def _first_line(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"{type(e).__name__}: {text[:300]}"
-
-
-def _missing(flag: str, extra: str) -> UserError:
-    return UserError(f"{flag} needs the {extra} package: pip install 'xception[{extra}]'")
 
 
 def run_name(cfg: Config) -> str:
@@ -62,14 +58,10 @@ class _Mlflow:
     flag = "--mlflow"
 
     def __init__(self, cfg: Config):
-        try:
-            from mlflow.entities import Metric, Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise _missing(self.flag, "mlflow") from None
-        self.Metric, self.Param = Metric, Param
+        entities = import_extra("mlflow.entities", self.flag, "mlflow")
+        self.Metric, self.Param = entities.Metric, entities.Param
         self.uri = mlflow_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = import_extra("mlflow.tracking", self.flag, "mlflow").MlflowClient(tracking_uri=self.uri)
         self.id, self.logged = None, set()
 
     def start(self, cfg: Config, saved_id, done: int, log) -> None:
@@ -120,11 +112,7 @@ class _Wandb:
     flag = "--log-wandb"
 
     def __init__(self, cfg: Config):
-        try:
-            import wandb
-        except ImportError:
-            raise _missing(self.flag, "wandb") from None
-        self.wandb, self.run, self.logged = wandb, None, set()
+        self.wandb, self.run, self.logged = import_extra("wandb", self.flag, "wandb"), None, set()
         self.ledger = os.path.join(cfg.output_dir, WANDB_LEDGER)
 
     def start(self, cfg: Config, saved_id, done: int, log) -> None:

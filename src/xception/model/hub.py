@@ -282,30 +282,43 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+# The Hub's errors, most specific first, and what each tells the user ({status}: the HTTP status).
+_HUB_REASONS = (
+    ("GatedRepoError", "the repository is gated (HTTP {status}): accept its terms on the Hub and log in "
+                       "(hf auth login)"),
+    ("RepositoryNotFoundError", "no such repository, or a private one (HTTP {status})"),
+    ("RevisionNotFoundError", "the repository has no such revision (HTTP {status})"),
+    ("HFValidationError", "not a valid repository name or revision ({first})"),
+    ("FileMetadataError", "the server's answer lacks the Hub's file headers (X-Repo-Commit, ETag): is HF_ENDPOINT "
+                          "a Hub?"),
+)
+
+
+def _hub_reason(x: BaseException, errors) -> str | None:
+    """What one exception of a chain says about the download, or None for one that says nothing."""
+    status = getattr(getattr(x, "response", None), "status_code", None)
+    for name, text in _HUB_REASONS:
+        kind = getattr(errors, name, None)
+        if kind is not None and isinstance(x, kind):
+            return text.format(status=status, first=_first_line(x))
+    if isinstance(x, errors.EntryNotFoundError) and not isinstance(x, errors.LocalEntryNotFoundError):
+        return f"the repository has no such file (HTTP {status})"
+    if isinstance(x, errors.HfHubHTTPError):
+        return f"HTTP {status}" if status else _first_line(x)
+    transport = _transport_errors()
+    if transport and isinstance(x, transport):
+        return f"network error: {_first_line(x)}"
+    return None
+
+
 def _hub_why(e: BaseException) -> str:
     from huggingface_hub import constants, errors
 
     if _offline(e):
         return f"HF_HUB_OFFLINE is set and the file is not in the cache ({constants.HF_HUB_CACHE})"
-    transport = _transport_errors()
     for x in _chain(e):
-        status = getattr(getattr(x, "response", None), "status_code", None)
-        if isinstance(x, errors.GatedRepoError):
-            return f"the repository is gated (HTTP {status}): accept its terms on the Hub and log in (hf auth login)"
-        if isinstance(x, errors.RepositoryNotFoundError):
-            return f"no such repository, or a private one (HTTP {status})"
-        if isinstance(x, errors.RevisionNotFoundError):
-            return f"the repository has no such revision (HTTP {status})"
-        if isinstance(x, errors.EntryNotFoundError) and not isinstance(x, errors.LocalEntryNotFoundError):
-            return f"the repository has no such file (HTTP {status})"
-        if isinstance(x, errors.HFValidationError):
-            return f"not a valid repository name or revision ({_first_line(x)})"
-        if isinstance(x, errors.FileMetadataError):
-            return "the server's answer lacks the Hub's file headers (X-Repo-Commit, ETag): is HF_ENDPOINT a Hub?"
-        if isinstance(x, errors.HfHubHTTPError):
-            return f"HTTP {status}" if status else _first_line(x)
-        if transport and isinstance(x, transport):
-            return f"network error: {_first_line(x)}"
+        if (reason := _hub_reason(x, errors)) is not None:
+            return reason
     return _first_line(e)
 
 

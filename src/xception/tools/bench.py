@@ -23,25 +23,37 @@ from ..engine.mix import build_mix
 from ..model.family import arch_info, build_arch
 from ..model.deploy import META_KEY, compile_frozen, fold_batchnorm
 from ..runtime import configure_kernels, resolve_device, synchronize
-from .databench import run_data_bench
-from .servebench import run_serve_bench
+from .databench import print_data_bench, run_data_bench
+from .servebench import print_serve_bench, run_serve_bench
 from .syncdebug import count_syncs, summarize
 
 
 def run(args) -> int:
+    """Measure in the chosen mode, then print one JSON object (--json) or the mode's table; exit 1 when the
+    load test saw errors."""
     if args.sync_debug:
         _check_sync_debug(args)
     _check_onnx(args)
     if args.mode == "data":
-        return run_data_bench(args)
-    if args.mode == "serve":
-        return run_serve_bench(args)
+        result, show = run_data_bench(args), print_data_bench
+    elif args.mode == "serve":
+        result, show = run_serve_bench(args), print_serve_bench
+    else:
+        _check_sizes(args)
+        result, show = _measure_compute(args, resolve_device(args.device)), _print_compute
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return 1 if result.get("errors") else 0
+
+
+def _check_sizes(args) -> None:
     for flag, value in (("--image-size", args.image_size - MIN_INPUT_SIZE + 1), ("--batch-size", args.batch_size),
                         ("--repeats", args.repeats), ("--steps", args.steps),
                         ("--threads", 1 if args.threads is None else args.threads)):
         if value < 1:
             raise UserError(f"{flag} is too small (image size at least {MIN_INPUT_SIZE}, the others at least 1)")
-    return run_compute_bench(args)
 
 
 def _check_sync_debug(args) -> None:
@@ -287,7 +299,14 @@ def _memory(result: dict, side: str) -> str:
     return "" if mib is None else f", peak {mib:.0f} MiB"
 
 
-def _print_table(result: dict, device) -> None:
+def _print_compute(result: dict) -> None:
+    if "sync_debug" in result:
+        _print_sync_debug(result, result["device"])
+    else:
+        _print_table(result, result["device"])
+
+
+def _print_table(result: dict, device: str) -> None:
     print(f"{result['mode']} {result['image_size']}px batch {result['batch_size']} {result['dtype']} on {device}, "
           f"{result['threads']} threads, torch {torch.__version__}")
     print(f"  ours : {result['ours_img_s']:8.2f} img/s (min {result['ours_min']:.2f}, max {result['ours_max']:.2f}), "
@@ -313,7 +332,7 @@ def _print_table(result: dict, device) -> None:
             print(f"  {side} torch.compile: {result[side + '_compile_seconds']:.1f} s, not in img/s")
 
 
-def _print_sync_debug(result: dict, device) -> None:
+def _print_sync_debug(result: dict, device: str) -> None:
     s = result["sync_debug"]
     print(f"sync debug: our training loop, {s['steps']} steps (print every {s['print_freq']}), "
           f"{result['image_size']}px batch {result['batch_size']} {result['dtype']} on {device}, "
@@ -326,8 +345,8 @@ def _print_sync_debug(result: dict, device) -> None:
     print(f"  syncs per step outside print steps: {s['syncs_per_step']:.3f} (goal 0)")
 
 
-def run_compute_bench(args) -> int:
-    device = resolve_device(args.device)
+def _measure_compute(args, device) -> dict:
+    """The compute benchmark's figures (or --sync-debug's counts) as one JSON-ready dict."""
     train = args.mode == "train"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,11 +358,7 @@ def run_compute_bench(args) -> int:
     if args.sync_debug:
         ledger, steps, result["ours_settings"], cuda = count_syncs(args, device)
         result["sync_debug"] = summarize(ledger, steps, cuda)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            _print_sync_debug(result, device)
-        return 0
+        return result
     # --onnx files are opened first, so that a bad one is refused before anything is timed
     sessions = [_onnx_session(path, result["threads"], args.image_size, args.batch_size) for path in args.onnx or ()]
     torch.manual_seed(0)
@@ -376,8 +391,4 @@ def run_compute_bench(args) -> int:
     if "profile" in stats:
         # the table goes to stderr, so that --json still prints exactly one JSON object on stdout
         print(f"torch.profiler, our {args.mode} step, 2 steps:\n{stats['profile']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print_table(result, device)
-    return 0
+    return result

@@ -6,7 +6,6 @@ machine slows them all alike."""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -169,7 +168,7 @@ def _augmented_summary(wall: dict, cpu: dict, workers: int) -> dict:
     }
 
 
-def run_data_bench(args) -> int:
+def run_data_bench(args) -> dict:
     if args.synthetic is None and not args.data_path:
         raise UserError("bench --mode data needs --data_path DIR or --synthetic N")
     if args.synthetic is not None and args.synthetic < 1:
@@ -182,19 +181,19 @@ def run_data_bench(args) -> int:
         else:
             root = _image_root(args.data_path)
         result = measure(root, args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"input pipeline, train transform at {result['image_size']} px, {result['files']} files, "
-              f"-j {result['workers']}, -b {result['batch_size']}, median of {result['repeats']}")
-        print(f"  ours      {result['ours_img_s']:8.1f} img/s  ({result['per_worker_img_s']:.1f} per worker)")
-        print(f"  baseline  {result['baseline_img_s']:8.1f} img/s  "
-              f"({result['baseline_per_worker_img_s']:.1f} per worker)")
-        print(f"  ratio     {result['ratio']:8.2f}x per core ({result['ours_img_per_cpu_s']:.1f} vs "
-              f"{result['baseline_img_per_cpu_s']:.1f} img per worker CPU-second); {result['ratio_wall']:.2f}x "
-              f"in img/s (load average {result['load_average_1min']})")
-        if "augmented_img_s" in result:
-            print(f"  ours + {result['auto_augment']:<6}{result['augmented_img_s']:6.1f} img/s  "
-                  f"({result['augmented_per_worker_img_s']:.1f} per worker; plain {result['plain_img_s']:.1f}: "
-                  f"{result['augment_cost']:.2f}x the CPU time per image)")
-    return 0
+    return result
+
+
+def print_data_bench(result: dict) -> None:
+    print(f"input pipeline, train transform at {result['image_size']} px, {result['files']} files, "
+          f"-j {result['workers']}, -b {result['batch_size']}, median of {result['repeats']}")
+    print(f"  ours      {result['ours_img_s']:8.1f} img/s  ({result['per_worker_img_s']:.1f} per worker)")
+    print(f"  baseline  {result['baseline_img_s']:8.1f} img/s  "
+          f"({result['baseline_per_worker_img_s']:.1f} per worker)")
+    print(f"  ratio     {result['ratio']:8.2f}x per core ({result['ours_img_per_cpu_s']:.1f} vs "
+          f"{result['baseline_img_per_cpu_s']:.1f} img per worker CPU-second); {result['ratio_wall']:.2f}x "
+          f"in img/s (load average {result['load_average_1min']})")
+    if "augmented_img_s" in result:
+        print(f"  ours + {result['auto_augment']:<6}{result['augmented_img_s']:6.1f} img/s  "
+              f"({result['augmented_per_worker_img_s']:.1f} per worker; plain {result['plain_img_s']:.1f}: "
+              f"{result['augment_cost']:.2f}x the CPU time per image)")

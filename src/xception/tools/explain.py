@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import UserError
+from ..config import UserError, import_extra
 from ..data import to_device
 from ..data.transforms import pil_eval
 from ..files import atomic_write, make_folder, show
@@ -55,13 +55,11 @@ class ExplainOptions:
 
 def grad_cam_api() -> tuple:
     """(GradCAM, ClassifierOutputTarget, show_cam_on_image) of the grad-cam package, an optional extra."""
-    try:
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.image import show_cam_on_image
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    except ImportError:
-        raise UserError("xception explain needs the grad-cam package: pip install 'xception[explain]'") from None
-    return GradCAM, ClassifierOutputTarget, show_cam_on_image
+    def part(module: str):
+        return import_extra(module, "xception explain", "explain", package="grad-cam")
+
+    return (part("pytorch_grad_cam").GradCAM, part("pytorch_grad_cam.utils.model_targets").ClassifierOutputTarget,
+            part("pytorch_grad_cam.utils.image").show_cam_on_image)
 
 
 def target_layer(model: torch.nn.Module) -> torch.nn.Module:

@@ -263,7 +263,7 @@ def server_row(args, max_batch: int, images: list | None) -> tuple:
     return row, images
 
 
-def print_table(result: dict) -> None:
+def print_serve_bench(result: dict) -> None:
     print(f"serve load test: {result['weights']} ({result['image_size']} px, {result['precision']}), "
           f"{result['clients']} clients, {result['duration']:g} s per row, {result['device']}, "
           f"{result['threads'] or 'default'} threads, {result['images']} images")
@@ -279,7 +279,7 @@ def print_table(result: dict) -> None:
           + ", ".join(f"{r['load_avg_1m']:.2f}" for r in result["rows"]))
 
 
-def run_serve_bench(args) -> int:
+def run_serve_bench(args) -> dict:
     check_flags(args)
     images = given_images(args.images) if args.images else None
     batching, images = server_row(args, args.max_batch, images)
@@ -295,10 +295,6 @@ def run_serve_bench(args) -> int:
     result = {"mode": "serve", "weights": args.weights, "image_size": batching["image_size"],
               "precision": batching["precision"], "clients": args.clients, "duration": args.duration,
               "device": str(device), "threads": args.threads, "images": len(images),
-              "torch_version": torch.__version__, "rows": rows}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-    errors = sum(r["http_errors"] + r["connection_errors"] for r in rows)
-    return 0 if errors == 0 else 1
+              "torch_version": torch.__version__, "rows": rows,
+              "errors": sum(r["http_errors"] + r["connection_errors"] for r in rows)}
+    return result
