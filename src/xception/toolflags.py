@@ -41,13 +41,18 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
                         "HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME apply), keras (the author's Keras .h5; cached under "
                         "TORCH_HOME), or hf-hub:ORG/REPO[@REV] (a timm-style repo of one of our architectures); "
                         "give --weights or --pretrained, not both")
-    p.add_argument("--topk", type=_int, default=5, metavar="K", help="classes shown per image (default 5)")
-    p.add_argument("--threshold", type=float, default=None, metavar="P",
-                   help="multi-label weights: print the labels whose sigmoid probability exceeds P, in (0, 1) "
-                        "(default: the threshold the run saved, else 0.5); single-label weights ignore it")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("-b", "--batch-size", type=_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("-j", "--workers", type=_int, default=0, help="image-decoding worker processes (default 0)")
+    _add_answer_flags(p, topk_help="classes shown per image (default 5)")
+
+
+def _add_answer_flags(p: argparse.ArgumentParser, topk_help: str) -> None:
+    """What predict and serve share: how an image is read and its answer cut, where the model runs."""
+    p.add_argument("--topk", type=_int, default=5, metavar="K", help=topk_help)
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="multi-label weights: the labels whose sigmoid probability exceeds P, in (0, 1) (default: "
+                        "the threshold the run saved, else 0.5); single-label weights ignore it")
     _add_input_size(p)
     p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
     _add_device(p)
@@ -259,15 +264,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="how long the first waiting image waits for others to join its batch (default 5)")
     p.add_argument("--max-body-mb", type=float, default=20.0, metavar="MB",
                    help="largest request body accepted; larger ones get 413 (default 20)")
-    p.add_argument("--topk", type=_int, default=5, metavar="K", help="classes per answer unless ?topk=K (default 5)")
-    p.add_argument("--threshold", type=float, default=None, metavar="P",
-                   help="multi-label weights: labels whose probability exceeds P (default: the run's, else 0.5)")
-    _add_input_size(p)
-    p.add_argument("--crop-pct", type=float, default=None, help="override the weights' eval crop fraction")
-    _add_device(p)
     p.add_argument("--threads", type=_int, default=None, metavar="N",
-                   help="torch intra-op threads of the model (default: torch's, one per core)")
-    add_weights_choice(p)
+                   help="intra-op threads of the model, torch's or onnxruntime's (default: torch's, one per core)")
+    _add_answer_flags(p, topk_help="classes per answer unless ?topk=K (default 5)")
 
 
 def add_push_flags(p: argparse.ArgumentParser) -> None:

@@ -80,10 +80,10 @@ def train_quota(counts: list, slots: int, batch: int) -> int:
 @dataclass
 class Slots:
     """The job's reading slots, one per (rank, loader worker), and the seed that permutes the shards."""
-    rank: int = 0
-    world: int = 1
-    workers: int = 1
-    seed: int = 0
+    rank: int
+    world: int
+    workers: int
+    seed: int
 
     def __post_init__(self):
         self.workers = max(1, self.workers)

@@ -173,7 +173,9 @@ class OnnxModel:
         try:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-            self.session = ort.InferenceSession(path, providers=providers)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as our model: serve --threads sets both
+            self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for an unreadable graph
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"{flag} {path}: onnxruntime cannot load it ({first})")

@@ -35,8 +35,10 @@ class ArchInfo:
     min_input_size: int = 32  # the aligned nets run on any size; from 32 px down their final map is 1x1
 
 
-def _aligned(name: str) -> Callable[[int, float], nn.Module]:
-    return functools.partial(XceptionAligned, SPECS[name])
+def _aligned(name: str, params: int, top1: float, top5: float, weights: str, crop_pct: float) -> ArchInfo:
+    """An aligned Xception: timm names it as we do, and its published weights are timm's NAME.WEIGHTS."""
+    return ArchInfo(name, functools.partial(XceptionAligned, SPECS[name]), name, params, top1, top5,
+                    f"timm {name}.{weights}", crop_pct)
 
 
 # Accuracies and crops are timm's for its best published weights of each arch (facts.md). xception65
@@ -45,16 +47,12 @@ ARCHS: dict[str, ArchInfo] = {info.name: info for info in (
     ArchInfo("xception", lambda num_classes, drop_rate: Xception(num_classes, drop_rate), "legacy_xception",
              22_855_952, 79.058, 94.396, "timm legacy_xception.tf_in1k", DEFAULT_CROP_PCT,
              min_input_size=MIN_INPUT_SIZE),
-    ArchInfo("xception41", _aligned("xception41"), "xception41", 26_969_560, 78.550, 94.282,
-             "timm xception41.tf_in1k", 0.903),
-    ArchInfo("xception65", _aligned("xception65"), "xception65", 39_916_312, 83.186, 96.596,
-             "timm xception65.ra3_in1k", 0.94),
-    ArchInfo("xception71", _aligned("xception71"), "xception71", 42_338_736, 79.920, 94.908,
-             "timm xception71.tf_in1k", 0.903),
-    ArchInfo("xception41p", _aligned("xception41p"), "xception41p", 26_907_752, 81.978, 95.784,
-             "timm xception41p.ra3_in1k", 0.94),
-    ArchInfo("xception65p", _aligned("xception65p"), "xception65p", 39_819_560, 83.160, 96.506,
-             "timm xception65p.ra3_in1k", 0.94),
+    #        name           params      top1    top5    weights    crop
+    _aligned("xception41",  26_969_560, 78.550, 94.282, "tf_in1k", 0.903),
+    _aligned("xception65",  39_916_312, 83.186, 96.596, "ra3_in1k", 0.94),
+    _aligned("xception71",  42_338_736, 79.920, 94.908, "tf_in1k", 0.903),
+    _aligned("xception41p", 26_907_752, 81.978, 95.784, "ra3_in1k", 0.94),
+    _aligned("xception65p", 39_819_560, 83.160, 96.506, "ra3_in1k", 0.94),
 )}
 ARCH_NAMES = tuple(ARCHS)  # "xception" first: the default
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import MIN_INPUT_SIZE, Config, UserError
+from ..files import make_folder
 from ..engine import train
 
 # Digits are not ImageNet photos: a mirrored 2 is not a 2, and an 8% crop of an 8x8 scan is noise.
@@ -28,15 +29,14 @@ def write_digits(root: str, val_fraction: float = 0.2, seed: int = 0) -> tuple:
     images = (digits.images * (255 / 16)).round().astype(np.uint8)  # 0..16 grey levels -> 0..255
     train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=val_fraction,
                                           stratify=digits.target, random_state=seed)
-    done = os.path.join(root, ".complete")
-    if os.path.exists(done):
+    parent = os.path.dirname(os.path.abspath(root))
+    if os.path.exists(os.path.join(root, ".complete")):
         return len(train_idx), len(val_idx)
     if os.path.exists(root):
         # Ours would hold .complete (the tree is renamed into place whole), so this is somebody's data.
         raise UserError(f"{root}: exists and is not a digits tree written by the demo; "
                         f"choose another --output-dir or move it away")
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent, "--output-dir")
     tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
     for split, indices in (("train", train_idx), ("val", val_idx)):
         for i in indices:

@@ -71,11 +71,13 @@ class _Batches:
 
 def exclusions(text: str) -> tuple:
     """--int8-exclude's value as a tuple of EXCLUDABLE names ("none": empty)."""
-    parts = tuple(p.strip() for p in text.split(",")) if text.strip() != "none" else ()
-    if not all(p in EXCLUDABLE for p in parts) or len(set(parts)) != len(parts):
-        raise UserError(f"--int8-exclude must be none or a comma list of {', '.join(EXCLUDABLE)} (layers kept "
-                        f"fp32), got {text!r}")
-    return parts
+    if text.strip() == "none":
+        return ()
+    parts = tuple(p.strip() for p in text.split(","))
+    if set(parts) <= set(EXCLUDABLE) and len(set(parts)) == len(parts):
+        return parts
+    raise UserError(f"--int8-exclude must be none or a comma list of {', '.join(EXCLUDABLE)} (layers kept "
+                    f"fp32), got {text!r}")
 
 
 def excluded_nodes(graph, which: tuple) -> list:

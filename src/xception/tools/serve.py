@@ -42,12 +42,13 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html
 
 @dataclass
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    max_body_mb: float = 20.0
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+    """The server's settings; their defaults are the flags' (toolflags.add_serve_flags)."""
+    host: str
+    port: int
+    max_batch: int
+    max_wait_ms: float
+    max_body_mb: float
+    threads: int | None  # intra-op threads (torch's, onnxruntime's); None: torch's default
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
