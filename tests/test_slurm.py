@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, make_image_folder, run_cli
 from slurm_cluster import Cluster, Unavailable
 from xception.engine.hooks import stop_signals
-from xception.runtime import adopt_launcher, srun_env
+from xception.launcher import adopt_launcher, srun_env
 
 # 24 train images, global batch 4: 6 steps in the one epoch; one thread, no loader workers: bitwise repeatable.
 FLAGS = ["--image-size", "71", "--seed", "5", "--print-freq", "1", "--device", "cpu", "--lr", "0.05"]

@@ -227,12 +227,12 @@ def main(argv: list | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in MULTI_PROCESS:
-            from .runtime import adopt_launcher
+            from .launcher import adopt_launcher
             adopt_launcher()  # an srun task's SLURM variables become torchrun's (WORLD_SIZE, RANK, ...)
         nproc = wants_launch(args)
         if nproc:
             config_from_args(args).validate(world_size=nproc)  # refuse bad flags once, before spawning
-            from .runtime import launch_local
+            from .launcher import launch_local
             return launch_local(nproc, strip_launch_flags(argv))
         return COMMANDS[args.command].run(args)
     except UserError as e:
@@ -244,7 +244,7 @@ def main(argv: list | None = None) -> int:
         print("xception: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as e:  # torch.distributed's errors derive from RuntimeError
-        from .runtime import peer_lost
+        from .launcher import peer_lost
         if os.environ.get("WORLD_SIZE", "1") == "1" or not peer_lost(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
