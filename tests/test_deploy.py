@@ -210,6 +210,12 @@ def test_a_static_batch_export_fixes_the_batch_and_still_serves_any_count(traine
     graph = OnnxModel(str(onnx_path))
     assert graph.fixed_batch == 2
     assert graph(torch.zeros(3, 3, 71, 71)).shape == (3, 3)  # chunks of 2, the last one padded
+    threads = torch.get_num_threads()
+    try:  # onnxruntime runs on torch's intra-op thread count, which serve --threads sets
+        torch.set_num_threads(1)
+        assert OnnxModel(str(onnx_path)).session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(threads)
     bad = run_cli("export", "--weights", out / "checkpoint.pth.tar", "--format", "torchscript", "--out",
                   tmp_path / "t.pt", "--static-batch", 2)
     assert bad.returncode == 2 and "--static-batch" in one_line_error(bad)

@@ -16,7 +16,8 @@ from slurm_cluster import Cluster, Unavailable
 from xception.engine.hooks import stop_signals
 from xception.launcher import adopt_launcher, srun_env
 
-# 24 train images, global batch 4: 6 steps in the one epoch; one thread, no loader workers: bitwise repeatable.
+# 48 train images, global batch 4: 12 steps in the one epoch (the signal tests stop it after the second, with
+# ten steps to spare on a fast machine); one thread, no loader workers: bitwise repeatable.
 FLAGS = ["--image-size", "71", "--seed", "5", "--print-freq", "1", "--device", "cpu", "--lr", "0.05"]
 SHAPE = {"epochs": "1", "batch": "4", "workers": "0"}
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -93,7 +94,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("slurm") / "data", n_train=8, n_val=2)
+    return make_image_folder(tmp_path_factory.mktemp("slurm") / "data", n_train=16, n_val=2)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def wait_for_line(path, text: str, timeout: float = 300) -> None:
 def test_the_sbatch_example_checkpoints_on_usr1_requeues_and_finishes_bitwise(cluster, data, reference, tmp_path):
     out, log = str(tmp_path / "job"), str(tmp_path / "job.log")
     job = submit(cluster, data, out, log)
-    wait_for_line(log, "epoch 1/1 [2/6]")  # mid-epoch: the steps of a tiny image are ~1 s here
+    wait_for_line(log, "epoch 1/1 [2/12]")  # mid-epoch: the steps of a tiny image are ~1 s here
     signalled = cluster.run("scancel", "--batch", "--signal=USR1", job)
     assert signalled.returncode == 0, signalled.stderr
     info = cluster.wait_job(job)
@@ -172,12 +173,12 @@ def test_the_sbatch_example_under_plain_scancel_leaves_a_resumable_checkpoint(cl
     the last line says how to continue."""
     out, log = str(tmp_path / "job"), str(tmp_path / "job.log")
     job = submit(cluster, data, out, log)
-    wait_for_line(log, "epoch 1/1 [2/6]")
+    wait_for_line(log, "epoch 1/1 [2/12]")
     assert cluster.run("scancel", job).returncode == 0
     info = cluster.wait_job(job)
     assert info["JobState"] == "CANCELLED", info
     wait_for_line(log, "stopped by SIGTERM", timeout=30)
     saved = model_of(out)
-    assert saved["epoch"] == 0 and 2 <= saved["epoch_step"] <= 6
+    assert saved["epoch"] == 0 and 2 <= saved["epoch_step"] <= 12
     text = open(log, errors="replace").read()
     assert f"--resume {out}/checkpoint.pth.tar" in text and "Traceback" not in text, text[-3000:]
