@@ -132,7 +132,7 @@ def load_for_gradients(weights: str, opts: ExplainOptions, device, log) -> Predi
                         f"the checkpoint it was exported from")
     predict_opts = PredictOptions(image_size=opts.image_size, device=opts.device)
     predict_opts.check()
-    return load_predictor(local, device, predict_opts, log)
+    return load_predictor(local, device, predict_opts, log, fold=False)  # Grad-CAM watches the layers as trained
 
 
 def explain_one(predictor: Predictor, cam, target_class, image: torch.Tensor, wanted: int | None,
