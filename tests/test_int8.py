@@ -86,3 +86,25 @@ def test_int8_needs_calibration_data(tie, tmp_path):
     line = one_line_error(run_cli("export", "--weights", tie[0], "--format", "onnx", "--out", tmp_path / "x.onnx",
                                   "--int8"))
     assert "--int8 writes ONNX: give --format onnx and --calibration DATA" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_is_fed_batch_by_batch(tie, tmp_path, method):
+    """The histogram methods go through onnxruntime's strided calibration (our reader's len and set_range),
+    one batch of 8 at a time: without it they hold every activation of every image (22 GB at 299 px, 200
+    images). 16 train images: two batches, merged into one histogram per tensor."""
+    from xception.tools.quantize import _Batches
+
+    reader = _Batches(torch.zeros(20, 3, 4, 4), "input")
+    reader.set_range(1, 3)
+    assert len(reader) == 3 and [b["input"].shape[0] for b in iter(reader.get_next, None)] == [8, 4]
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=8, n_val=2)
+    out = tmp_path / f"{method}.onnx"
+    proc = run_cli("export", "--weights", tie[0], "--format", "onnx", "--out", out, "--int8", "--calibration",
+                   data, "--calibration-images", 16, "--calibration-method", method, "--max-drop", 100)
+    assert proc.returncode == 0, proc.stderr
+    assert f"int8: calibrating on 16 train images of {data} ({method}," in proc.stdout, proc.stdout
+    import onnx
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["xception"])
+    assert meta["precision"] == "int8" and meta["calibration_method"] == method
