@@ -15,7 +15,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..data import to_device
-from ..data.transforms import pil_eval
 from .predict import top_results
 
 MAX_PIXELS = 64_000_000  # an image whose header claims more is refused before decoding (413)
@@ -96,7 +95,7 @@ class Batcher:
         try:
             started = time.perf_counter()
             self.predictor = p = self.load()
-            self.transform = pil_eval(p.image_size, p.crop_pct)
+            self.transform = p.transform()
             with torch.inference_mode():
                 p.model(to_device(torch.zeros(1, 3, p.image_size, p.image_size, dtype=torch.uint8), self.device,
                                   channels_last=False))

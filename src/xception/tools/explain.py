@@ -37,7 +37,6 @@ from PIL import Image
 
 from ..config import UserError, import_extra
 from ..data import to_device
-from ..data.transforms import pil_eval
 from ..files import atomic_write, make_folder, show
 from ..model.weights import sniff
 from ..runtime import resolve_device
@@ -166,7 +165,7 @@ def explain(inputs: list, weights: str, out: str, opts: ExplainOptions = Explain
     for note in notes:
         log(note)
     make_folder(out, "--out")
-    transform = pil_eval(predictor.image_size, predictor.crop_pct)
+    transform = predictor.transform()
     cam = grad_cam(model=predictor.model, target_layers=[target_layer(predictor.model)])
     explained = []
     try:

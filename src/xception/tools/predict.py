@@ -76,6 +76,10 @@ class Predictor:
     threshold: float | None = None
     temperature: float = 1.0  # a calibrated checkpoint's (or graph's): the logits are divided by it
 
+    def transform(self):
+        """The eval transform its inputs go through (file or uploaded bytes -> uint8 CHW at image_size)."""
+        return pil_eval(self.image_size, self.crop_pct)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float() / self.temperature
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
@@ -202,9 +206,8 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
         raise UserError(f"nothing to predict: {where}")
     local = weights_file(weights, flag, log)
     predictor = load_predictor(local, dev, opts, log)
-    size, pct = predictor.image_size, predictor.crop_pct
     k = min(opts.topk, len(predictor.class_names))
-    loader = DataLoader(_Images(paths, pil_eval(size, pct)), batch_size=opts.batch_size, num_workers=opts.workers,
+    loader = DataLoader(_Images(paths, predictor.transform()), batch_size=opts.batch_size, num_workers=opts.workers,
                         collate_fn=_collate)
     progress = Progress(True, len(loader), "predict", print_freq=max(1, len(loader) // 10))
     results = [None] * len(paths)
@@ -218,7 +221,7 @@ def predict(inputs: list, weights: str, opts: PredictOptions = PredictOptions(),
                     results[i] = {"path": paths[i], **result}
             progress.update(step, images=min(step * opts.batch_size, len(paths)))
     progress.close()
-    return {"weights": weights, "weights_file": local, "image_size": size, "crop_pct": pct,
+    return {"weights": weights, "weights_file": local, "image_size": predictor.image_size, "crop_pct": predictor.crop_pct,
             "multi_label": predictor.multi_label, "threshold": predictor.threshold,
             "predictions": [r for r in results if r is not None],
             "errors": [{"path": p, "error": why} for p, why in problems]}

@@ -6,13 +6,13 @@ POST images to /predict in a loop for --duration seconds, recording every reques
 X-Batch-Size. The rows: dynamic batching on (--max-batch, --max-wait-ms) and off (--max-batch 1), each
 against a fresh server, stopped with SIGTERM (killed if it has not exited after a while) whatever happens;
 then the no-server baseline: the same weights loaded once in this process, one image per forward pass
-(decoded by the same eval transform, read by a softmax), for the same duration.
+(decoded by the same eval transform, answered as predict answers), for the same duration.
 
 The clients' own cost is reported too (this process's CPU time per request): on a small machine the load
 generator shares the cores with the server, and the figure says how much of them it took.
 
-This module sits below bench.py (which dispatches to it), so it reads the weights through the model and data
-floors itself, as tools/predict.load_predictor does, rather than importing tools.predict.
+The baseline loads and answers through tools/predict.py (load_predictor, the Predictor's transform,
+top_results), the functions behind `xception predict` and `xception serve`, so all three rows run one path.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from PIL import Image
 from ..config import MIN_INPUT_SIZE, UserError
 from ..data import to_device
 from ..data.folder import IMG_EXTENSIONS
-from ..data.transforms import pil_eval
 from ..runtime import resolve_device
 from .predict import PredictOptions, load_predictor, top_results
 
@@ -222,7 +221,7 @@ def run_baseline(weights: str, device, images: list, duration: float, image_size
     """The no-server row: the weights loaded once here as `xception predict` loads them, then one image per
     forward pass (predict's decode and eval transform, forward, predict's top-5 answer) for `duration` s."""
     predictor = load_predictor(weights, device, PredictOptions(image_size=image_size, device=str(device)), _quiet)
-    transform = pil_eval(predictor.image_size, predictor.crop_pct)
+    transform = predictor.transform()
     k = min(5, len(predictor.class_names))
     records = []
     with torch.inference_mode():
